@@ -1,0 +1,126 @@
+"""Hyperpixel Flow (Min et al., ICCV 2019): training-free semantic matching.
+
+Hyperpixels = several backbone levels resampled to one grid, each L2-normalised, concatenated.
+Cosine correlation, clamped at 0 and raised to a power, is re-scored by regularised Hough
+matching; each source cell's best match is refined to sub-cell precision with a kernel
+soft-argmax, and keypoints are transferred through the resulting dense field.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .backbone import FeatureBackbone
+from .configuration_hyperpixel import HyperpixelFlowConfig
+from .correlation import dense_cosine_correlation
+from .geometry import cell_axes, grid_to_pixels, pixels_to_grid
+from .keypoint_transfer import transfer_keypoints
+from .modeling_matcher import CorrespondenceOutput, SemanticMatcherPreTrainedModel
+from .rhm import regularized_hough_matching
+from .soft_argmax import local_soft_argmax
+
+
+class HyperpixelFlowPreTrainedModel(SemanticMatcherPreTrainedModel):
+    config: HyperpixelFlowConfig
+    config_class = HyperpixelFlowConfig
+
+
+class HyperpixelFlowModel(HyperpixelFlowPreTrainedModel):
+    """Training-free matcher: ``match()`` gives dense fields both ways and transferred keypoints."""
+
+    def __init__(self, config: HyperpixelFlowConfig):
+        super().__init__(config)
+        self.backbone = FeatureBackbone(config.backbone, config.backbone_layers, frozen=True, image_size=config.image_size)
+        self.post_init()
+
+    # -- features -------------------------------------------------------------------------------
+    def extract_hyperpixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B, C, H / s, W / s)`` hyperpixels (s = ``feature_stride``).
+
+        Each level is resampled to the stride-``s`` grid (area pooling when finer, bilinear when
+        coarser) and L2-normalised; the concatenation is scaled by ``1 / sqrt(levels)`` so it has
+        unit norm and its cosine is the mean of the per-level cosines.
+        """
+        height, width = pixel_values.shape[-2:]
+        grid_size = (max(1, height // self.config.feature_stride), max(1, width // self.config.feature_stride))
+        levels = []
+        for feature in self.backbone(pixel_values):
+            if feature.shape[-2] > grid_size[0] or feature.shape[-1] > grid_size[1]:
+                feature = F.adaptive_avg_pool2d(feature, grid_size)
+            if tuple(feature.shape[-2:]) != grid_size:
+                feature = F.interpolate(feature, size=grid_size, mode="bilinear", align_corners=False)
+            levels.append(F.normalize(feature, dim=1))
+        return torch.cat(levels, dim=1) / math.sqrt(len(levels))
+
+    def _features(self, source_pixel_values, target_pixel_values):
+        if source_pixel_values.shape == target_pixel_values.shape:
+            both = self.extract_hyperpixels(torch.cat([source_pixel_values, target_pixel_values]))
+            return both.chunk(2)
+        return self.extract_hyperpixels(source_pixel_values), self.extract_hyperpixels(target_pixel_values)
+
+    # -- matching -------------------------------------------------------------------------------
+    def match_scores(self, source_features: torch.Tensor, target_features: torch.Tensor, source_image_size, target_image_size):
+        """RHM confidences ``(B, N_s, N_t)`` between two hyperpixel maps."""
+        correlation = dense_cosine_correlation(source_features, target_features, normalize=False)
+        similarity = correlation.clamp_min(0).pow(self.config.similarity_power)
+        if not self.config.use_rhm:
+            return similarity
+        (h_s, w_s), (h_t, w_t) = source_features.shape[-2:], target_features.shape[-2:]
+        return regularized_hough_matching(
+            similarity, cell_axes(h_s, w_s, source_image_size), cell_axes(h_t, w_t, target_image_size),
+            source_image_size, target_image_size,
+            num_bins=self.config.hough_bins, kernel_size=self.config.hough_kernel_size,
+        )
+
+    def _dense_field(self, scores: torch.Tensor, source_shape, target_shape):
+        """Refined arg-max field ``(B, 2, h_s, w_s)`` and confidence ``(B, h_s, w_s)`` in [0, 1]."""
+        best = scores.amax(dim=2, keepdim=True)
+        grid = local_soft_argmax(
+            scores, source_shape, target_shape, radius=self.config.refine_radius, beta=self.config.refine_beta
+        )
+        peak = scores.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+        return grid, (best / peak).view(scores.shape[0], *source_shape)
+
+    def match(
+        self,
+        source_pixel_values: torch.Tensor,
+        target_pixel_values: torch.Tensor,
+        source_keypoints: torch.Tensor | None = None,
+    ) -> CorrespondenceOutput:
+        """Match a batch of image pairs.
+
+        Args:
+            source_pixel_values: ``(B, 3, H_s, W_s)`` from the image processor.
+            target_pixel_values: ``(B, 3, H_t, W_t)``.
+            source_keypoints: optional ``(B, N, 2)`` (x, y) in source model-input pixels.
+
+        Returns:
+            :class:`CorrespondenceOutput` with ``grid_src_to_trg``, ``grid_trg_to_src``,
+            ``confidence`` and, with keypoints, ``target_keypoints (B, N, 2)`` in target
+            model-input pixels and ``keypoint_scores (B, N)``.
+        """
+        source_size, target_size = tuple(source_pixel_values.shape[-2:]), tuple(target_pixel_values.shape[-2:])
+        with torch.no_grad():
+            source_features, target_features = self._features(source_pixel_values, target_pixel_values)
+            source_shape, target_shape = tuple(source_features.shape[-2:]), tuple(target_features.shape[-2:])
+            scores = self.match_scores(source_features, target_features, source_size, target_size)
+            grid_src_to_trg, confidence = self._dense_field(scores, source_shape, target_shape)
+            grid_trg_to_src, _ = self._dense_field(scores.transpose(1, 2), target_shape, source_shape)
+            output = CorrespondenceOutput(
+                grid_src_to_trg=grid_src_to_trg, confidence=confidence, grid_trg_to_src=grid_trg_to_src
+            )
+            if source_keypoints is not None:
+                points = pixels_to_grid(source_keypoints.to(grid_src_to_trg.dtype), source_size)
+                target_points, scores_kp = transfer_keypoints(
+                    points, grid_src_to_trg, confidence, radius=self.config.transfer_radius
+                )
+                output.target_keypoints = grid_to_pixels(target_points, target_size)
+                output.keypoint_scores = scores_kp
+        return output
+
+    def forward(self, source_pixel_values, target_pixel_values, source_keypoints=None, **kwargs) -> CorrespondenceOutput:
+        """Training-free: the same as :meth:`match`."""
+        return self.match(source_pixel_values, target_pixel_values, source_keypoints)

@@ -1,0 +1,117 @@
+"""The ``semcorr`` command line: ``match``, ``demo``, ``evaluate``.
+
+Bad input prints one line to stderr and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def parse_keypoints(text: str) -> list[list[float]]:
+    """``"x,y;x,y"`` -> ``[[x, y], [x, y]]``."""
+    points = []
+    for index, chunk in enumerate(part for part in text.split(";") if part.strip()):
+        values = chunk.split(",")
+        if len(values) != 2:
+            raise ValueError(f"--keypoints entry {index} '{chunk}' is not 'x,y' (points are separated by ';')")
+        try:
+            points.append([float(values[0]), float(values[1])])
+        except ValueError:
+            raise ValueError(f"--keypoints entry {index} '{chunk}' holds a non-number") from None
+    if not points:
+        raise ValueError("--keypoints is empty; give points as 'x,y;x,y'")
+    return points
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="semcorr", description="Semantic correspondence on the Hugging Face stack.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    match = commands.add_parser("match", help="match two images and draw the matches")
+    match.add_argument("source")
+    match.add_argument("target")
+    match.add_argument("--keypoints", help="source points 'x,y;x,y' in source pixels (default: top-k mutual matches)")
+    match.add_argument("--top-k", type=int, default=50, help="matches to return without --keypoints (default 50)")
+    match.add_argument("--model", help="model directory or Hub id (default: the embedded model)")
+    match.add_argument("--out", default="matches.png", help="picture of the matches (default matches.png; '' to skip)")
+    match.add_argument("--json", action="store_true", help="print the matches as JSON")
+
+    demo = commands.add_parser("demo", help="accuracy of the embedded model on real pairs with known matches")
+    demo.add_argument("--out", default="demo.png")
+    demo.add_argument("--points", type=int, default=500)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--model", help="model directory or Hub id (default: the embedded model)")
+
+    evaluate = commands.add_parser("evaluate", help="PCK of a model on PF-PASCAL, PF-WILLOW or SPair-71k")
+    from .evaluation import add_evaluate_arguments
+
+    add_evaluate_arguments(evaluate)
+    return parser
+
+
+def _match(args) -> None:
+    from transformers import pipeline
+
+    from semcorr.pipelines import default_pipeline, draw_matches
+    from semcorr.pipelines.demo import save_image_atomically
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    request = {"source_image": args.source, "target_image": args.target}
+    if args.keypoints:
+        request["source_keypoints"] = parse_keypoints(args.keypoints)
+    pipe = pipeline("semantic-correspondence", model=args.model) if args.model else default_pipeline()
+    result = pipe(request, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{'source x':>10}{'source y':>10}{'target x':>10}{'target y':>10}{'score':>8}")
+        for (sx, sy), (tx, ty), score in zip(result["source_keypoints"], result["target_keypoints"], result["scores"]):
+            print(f"{sx:>10.1f}{sy:>10.1f}{tx:>10.1f}{ty:>10.1f}{score:>8.3f}")
+    if args.out:
+        path = save_image_atomically(draw_matches(args.source, args.target, result), args.out)
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _build_parser().parse_args(argv)
+        if args.command == "match":
+            _match(args)
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            if args.points < 1:
+                raise ValueError(f"--points must be at least 1, got {args.points}")
+            run_demo(args.out, args.points, args.seed, model=args.model)
+        else:
+            from .evaluation import run_evaluate_command
+
+            run_evaluate_command(args)
+    except _UsageError as error:
+        print(str(error), file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError) as error:
+        message = " ".join(str(error).split())
+        print(f"semcorr: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("semcorr: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

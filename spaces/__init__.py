@@ -1,0 +1,1 @@
+"""Hugging Face Spaces shipped with semcorr: `pck` (the evaluate metric) and `demo` (Gradio)."""

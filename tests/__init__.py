@@ -1,0 +1,1 @@
+"""semcorr test-suite: tiny models and generated fixtures, nothing downloaded."""
