@@ -15,13 +15,28 @@ from PIL import Image, UnidentifiedImageError
 MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 
+def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Values of any numeric dtype -> uint8, by the range the dtype and values imply.
+
+    One rule for files, PIL images and arrays alike. Integers: 0..255 when every value fits,
+    else 0..65535 (16-bit). Floats: [0, 1] when they fit, else 0..255, else scaled by the maximum.
+    """
+    if values.dtype == np.uint8:
+        return values
+    floating = np.issubdtype(values.dtype, np.floating)
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("image contains NaN or infinite values")
+    peak = values.max(initial=0.0)
+    ranges = (1.0, 255.0) if floating else (255.0, 65535.0)
+    top = next((limit for limit in ranges if peak <= limit), peak)
+    return np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8)
+
+
 def _to_uint8_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit / float grey: PIL's convert("RGB") clips at 255, so rescale by the dtype's range.
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I") and values.max(initial=0) > 255 else max(values.max(initial=1), 1)
-        grey = np.clip(values / top * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+        # 16-bit / 32-bit / float grey: PIL's convert("RGB") would clip at 255.
+        return Image.fromarray(_scale_to_uint8(np.asarray(image))).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -38,12 +53,11 @@ def _from_array(array: np.ndarray) -> Image.Image:
         raise ValueError(f"a numpy image must be HxW, HxWx3 or HxWx4 (or CxHxW), got shape {array.shape}")
     if array.size == 0:
         raise ValueError(f"empty image array of shape {array.shape}")
-    if array.dtype != np.uint8:
-        array = np.asarray(array, dtype=np.float64)
-        if not np.isfinite(array).all():
-            raise ValueError("image array contains NaN or infinite values")
-        top = 1.0 if array.max(initial=0) <= 1.0 else (255.0 if array.max(initial=0) <= 255.0 else 65535.0)
-        array = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
+    if array.shape[0] * array.shape[1] > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image of {array.shape[1]}x{array.shape[0]} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    array = _scale_to_uint8(array)
     return _to_uint8_rgb(Image.fromarray(array))
 
 

@@ -85,8 +85,17 @@ def _match(args) -> None:
         print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
 
 
+def _quiet_libraries() -> None:
+    """One line per error on stderr: no progress bars or info logs from the libraries."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
+        _quiet_libraries()
         args = _build_parser().parse_args(argv)
         if args.command == "match":
             _match(args)

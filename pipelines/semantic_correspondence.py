@@ -53,6 +53,10 @@ class SemanticCorrespondencePipeline(Pipeline):
 
     def __call__(self, inputs, batch_size: int | None = None, **kwargs):
         single = isinstance(inputs, Mapping)
+        if not single and not isinstance(inputs, (list, tuple)):
+            raise TypeError(
+                f"expected a dict with 'source_image' and 'target_image' or a list of them, got {type(inputs).__name__}"
+            )
         items = [inputs] if single else list(inputs)
         for index, item in enumerate(items):
             _check_item(item, index)
@@ -61,8 +65,8 @@ class SemanticCorrespondencePipeline(Pipeline):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         _, forward_params, _ = self._sanitize_parameters(**kwargs)
         results = []
-        for start in range(0, len(items), batch_size):
-            prepared = [self.preprocess(item) for item in items[start : start + batch_size]]
+        for batch in _batches(items, batch_size):
+            prepared = [self.preprocess(item) for item in batch]
             outputs = self.forward(_collate(prepared), **forward_params)
             results.extend(self.postprocess(output) for output in _split(outputs, len(prepared)))
         return results[0] if single else results
@@ -131,6 +135,22 @@ def _check_item(item, index: int) -> None:
         raise ValueError(f"input {index} has unknown keys {sorted(unknown)}; expected keys {sorted(_INPUT_KEYS)}")
 
 
+def _batches(items: list, batch_size: int):
+    """Consecutive runs of at most ``batch_size`` pairs that all have, or all lack, keypoints."""
+    batch = []
+    for item in items:
+        if batch and (len(batch) == batch_size or _has_points(batch[0]) != _has_points(item)):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def _has_points(item) -> bool:
+    return item.get("source_keypoints") is not None
+
+
 def _sizes(model_inputs):
     return {key: model_inputs[key] for key in ("source_original_size", "target_original_size")}
 
@@ -143,11 +163,7 @@ def _collate(items: list[dict]) -> dict:
         "source_original_size": torch.stack([item["source_original_size"] for item in items]),
         "target_original_size": torch.stack([item["target_original_size"] for item in items]),
     }
-    with_points = [item["source_keypoints"] is not None for item in items]
-    if any(with_points) and not all(with_points):
-        # Mixed requests cannot share one forward: the caller's batch is split by kind upstream.
-        raise ValueError("within one call, give source_keypoints for every pair or for none")
-    if all(with_points):
+    if items[0]["source_keypoints"] is not None:  # _batches never mixes the two kinds
         counts = torch.tensor([len(item["source_keypoints"]) for item in items])
         padded = torch.zeros(len(items), max(int(counts.max()), 1), 2)
         for row, item in enumerate(items):
