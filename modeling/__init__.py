@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .backbone import FeatureBackbone, load_backbone_weights
 from .configuration_hyperpixel import HyperpixelFlowConfig
+from .configuration_pmd import PMDConfig, PMDStudentConfig, PMDTeacherConfig
 from .correlation import dense_cosine_correlation
 from .default_model import default_config, default_model_dir, image_processor_for, load_default_model
 from .embedded_backbone import EMBEDDED_BACKBONE, embedded_state_dict
@@ -18,16 +19,20 @@ from .keypoint_transfer import transfer_keypoints
 from .matches import select_mutual_matches
 from .modeling_hyperpixel import HyperpixelFlowModel, HyperpixelFlowPreTrainedModel
 from .modeling_matcher import CorrespondenceOutput, SemanticMatcherPreTrainedModel
+from .modeling_pmd import PMDOutput, PMDPreTrainedModel, PMDStudentModel, PMDTeacherModel
 from .mutual_nn import mutual_nearest_neighbours
 from .rhm import gaussian_kernel2d, regularized_hough_matching
 from .soft_argmax import kernel_soft_argmax
 
-AutoConfig.register(HyperpixelFlowConfig.model_type, HyperpixelFlowConfig, exist_ok=True)
-AutoModel.register(HyperpixelFlowConfig, HyperpixelFlowModel, exist_ok=True)
-AutoImageProcessor.register(
-    HyperpixelFlowConfig, image_processor_classes={"pil": SemanticCorrespondenceImageProcessor, "torchvision": SemanticCorrespondenceImageProcessor},
-    exist_ok=True,
-)
+_PROCESSORS = {"pil": SemanticCorrespondenceImageProcessor, "torchvision": SemanticCorrespondenceImageProcessor}
+for _config, _model in (
+    (HyperpixelFlowConfig, HyperpixelFlowModel),
+    (PMDTeacherConfig, PMDTeacherModel),
+    (PMDStudentConfig, PMDStudentModel),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoImageProcessor.register(_config, image_processor_classes=_PROCESSORS, exist_ok=True)
 
 __all__ = [
     "CorrespondenceOutput",
@@ -36,6 +41,13 @@ __all__ = [
     "HyperpixelFlowConfig",
     "HyperpixelFlowModel",
     "HyperpixelFlowPreTrainedModel",
+    "PMDConfig",
+    "PMDOutput",
+    "PMDPreTrainedModel",
+    "PMDStudentConfig",
+    "PMDStudentModel",
+    "PMDTeacherConfig",
+    "PMDTeacherModel",
     "SemanticCorrespondenceImageProcessor",
     "SemanticMatcherPreTrainedModel",
     "cell_centers",

@@ -1,0 +1,177 @@
+"""PMD teacher / student: Auto round trips, stochastic hypotheses, PSR / CAL terms by hand."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+from semcorr.modeling import (
+    PMDStudentConfig,
+    PMDStudentModel,
+    PMDTeacherConfig,
+    PMDTeacherModel,
+)
+from semcorr.modeling.geometry import identity_grid
+from semcorr.modeling.pmd_losses import (
+    confidence_aware_loss,
+    cycle_errors,
+    cycle_mask,
+    empirical_variance,
+    flow_smoothness,
+    identity_positions,
+    psr_weights,
+    update_prior,
+    variance_kl,
+)
+
+TINY = dict(backbone="resnet18", backbone_layers=[2, 3], image_size=[64, 64], backbone_weights=None)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 64, 64, generator=generator), torch.randn(2, 3, 64, 64, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    return PMDTeacherModel(PMDTeacherConfig(**TINY)).eval()
+
+
+@pytest.fixture(scope="module")
+def student():
+    torch.manual_seed(1)
+    return PMDStudentModel(PMDStudentConfig(**TINY)).eval()
+
+
+def test_configs_register_and_validate():
+    assert AutoConfig.for_model("semcorr-pmd-teacher").__class__ is PMDTeacherConfig
+    assert AutoConfig.for_model("semcorr-pmd-student").__class__ is PMDStudentConfig
+    published = PMDStudentConfig()
+    assert published.backbone == "resnet101.tv_in1k" and published.backbone_layers == [3, 4]
+    assert published.adaptation_kernel_sizes == [5, 3] and published.attention_levels == [1]
+    assert published.image_size == [320, 320] and published.distillation_weight == 16.0
+    with pytest.raises(ValueError, match="adaptation_kernel_sizes"):
+        PMDStudentConfig(**TINY, adaptation_kernel_sizes=[4, 3])
+    with pytest.raises(ValueError, match="attention_levels"):
+        PMDStudentConfig(**TINY, attention_levels=[2])
+
+
+@pytest.mark.parametrize("model_name", ["teacher", "student"])
+def test_save_pretrained_round_trip_is_exact(model_name, pair, tmp_path, request):
+    model = request.getfixturevalue(model_name)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    source, target = pair
+    before, after = model.match(source, target), loaded.match(source, target)
+    assert torch.equal(before.grid_src_to_trg, after.grid_src_to_trg)
+    assert torch.equal(before.grid_trg_to_src, after.grid_trg_to_src)
+
+
+def test_match_contract_shapes(student, pair):
+    source, target = pair
+    keypoints = torch.tensor([[[10.0, 12.0], [40.0, 50.0]], [[5.0, 5.0], [60.0, 3.0]]])
+    output = student.match(source, target, source_keypoints=keypoints)
+    assert output.grid_src_to_trg.shape == (2, 2, 8, 8) and output.grid_trg_to_src.shape == (2, 2, 8, 8)
+    assert output.confidence.shape == (2, 8, 8)
+    assert output.target_keypoints.shape == (2, 2, 2) and output.keypoint_scores.shape == (2, 2)
+    assert output.grid_src_to_trg.abs().max() <= 1.0
+
+
+def test_teacher_hypotheses_are_stochastic_and_match_is_not(teacher, pair):
+    source, target = pair
+    forward, backward = teacher.sample_hypotheses(source, target, 4, generator=torch.Generator().manual_seed(0))
+    assert forward.shape == (4, 2, 2, 8, 8) and backward.shape == (4, 2, 2, 8, 8)
+    assert (forward[0] - forward[1]).abs().max() > 1e-4
+    again, _ = teacher.sample_hypotheses(source, target, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(forward, again)
+    assert torch.equal(teacher.match(source, target).grid_src_to_trg, teacher.match(source, target).grid_src_to_trg)
+
+
+def test_teacher_loss_trains_adaptation_not_backbone(pair):
+    torch.manual_seed(0)
+    model = PMDTeacherModel(PMDTeacherConfig(**TINY)).train()
+    source, target = pair
+    output = model(source, target, grid_trg_to_src=identity_grid(2, 64, 64), valid_trg=torch.ones(2, 64, 64, dtype=torch.bool))
+    assert set(output.losses) == {"grid", "smoothness", "kl"} and torch.isfinite(output.loss)
+    output.loss.backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert model.adaptation[0].conv1[0].weight.grad.abs().sum() > 0
+    assert model.attention["1"].sigma_conv.weight.grad.abs().sum() > 0  # the distribution is trained
+
+
+def test_gradients_reach_the_student_never_the_teacher(teacher, pair):
+    source, target = pair
+    forward, backward = teacher.sample_hypotheses(source, target, 3)
+    torch.manual_seed(2)
+    model = PMDStudentModel(PMDStudentConfig(**TINY)).train()
+    output = model(source, target, hypotheses_src_to_trg=forward, hypotheses_trg_to_src=backward)
+    output.loss.backward()
+    assert model.adaptation[1].conv2[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert output.losses["psr_weights"].shape == (3, 2, 8, 8)
+
+
+def test_keypoint_loss_is_zero_for_a_perfect_field():
+    grid = identity_grid(1, 8, 8)
+    points = torch.tensor([[[4.0, 4.0], [20.0, 36.0]]])
+    loss = PMDTeacherModel.keypoint_loss(grid, points, points, None, (64, 64), (64, 64))
+    assert float(loss) < 1e-6
+    shifted = PMDTeacherModel.keypoint_loss(grid, points + 8.0, points, None, (64, 64), (64, 64))
+    assert float(shifted) == pytest.approx(math.hypot(0.25, 0.25), rel=1e-5)
+
+
+# -- PSR and CAL by hand ------------------------------------------------------------------------
+def test_psr_weights_by_hand():
+    student = torch.zeros(1, 2, 1, 2)
+    hypotheses = torch.tensor([[[[[0.1, 0.0]], [[0.0, 0.3]]]], [[[[0.0, 0.0]], [[0.2, 0.0]]]]])  # (2,1,2,1,2)
+    prior = torch.full((1, 2, 1, 2), 0.5)
+    weights = psr_weights(hypotheses, student, prior)
+    expected = torch.tensor([[[[math.exp(-0.01 / 0.5), math.exp(-0.09 / 0.5)]]], [[[math.exp(-0.04 / 0.5), 1.0]]]])
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(empirical_variance(hypotheses, student)[0, :, 0], torch.tensor([[0.005, 0.0], [0.02, 0.045]]))
+
+
+def test_prior_update_by_hand():
+    prior = torch.ones(1, 2, 1, 1)
+    variance = torch.tensor([0.0, 3.0]).view(1, 2, 1, 1)
+    torch.testing.assert_close(update_prior(prior, variance, 0.01).flatten(), torch.tensor([0.99, 1.02]))
+
+
+def test_cycle_mask_by_hand():
+    errors = torch.tensor([0.0, 0.5, 1.0, 0.04]).view(4, 1, 1, 1)  # min 0, max 1 for this pair
+    mask = cycle_mask(errors, 50.0, 0.08).flatten()
+    expected = torch.tensor([1 - 1 / (1 + math.exp(-50 * (d - 0.08))) for d in (0.0, 0.5, 1.0, 0.04)])
+    torch.testing.assert_close(mask, expected)
+
+
+def test_cycle_errors_zero_for_inverse_fields():
+    identity = identity_grid(1, 6, 6)[None]
+    assert float(cycle_errors(identity, identity).abs().max()) < 1e-5
+    shifted = identity + torch.tensor([0.2, 0.0]).view(1, 1, 2, 1, 1)
+    errors = cycle_errors(shifted, identity)[..., :5]  # the last column lands past the border and is clamped
+    assert torch.allclose(errors, torch.full_like(errors, 0.2), atol=1e-5)
+
+
+def test_variance_kl_and_cal_by_hand():
+    prior, variance = torch.tensor([2.0]), torch.tensor([1.0])
+    assert float(variance_kl(prior, variance)) == pytest.approx(0.5 * (2 - 1 - math.log(2)), rel=1e-4)
+    student = torch.zeros(1, 2, 1, 1, requires_grad=True)
+    hypotheses = torch.tensor([0.3, 0.4]).view(1, 1, 2, 1, 1)  # |F_l - F_s|^2 = 0.25
+    ones = torch.ones(1, 1, 1, 1)
+    terms = confidence_aware_loss(hypotheses, student, ones, ones, torch.tensor(0.1), torch.ones(1, 2, 1, 1),
+                                  torch.ones(1, 2, 1, 1), distillation_weight=16, smoothness_weight=0.5)
+    assert float(terms["distillation"].detach()) == pytest.approx(0.25)
+    assert float(terms["loss"].detach()) == pytest.approx(16 * 0.25 + 0.5 * 0.1, rel=1e-5)
+
+
+def test_smoothness_zero_for_identity_and_affine_fields():
+    for align in (False, True):
+        grid = identity_positions(5, 7, align, torch.zeros(1))
+        assert float(flow_smoothness(grid, align)) == 0.0
+    bumpy = identity_grid(1, 5, 5)
+    bumpy[0, 0, 2, 2] += 0.5
+    assert float(flow_smoothness(bumpy)) > 0
