@@ -1,0 +1,277 @@
+"""``semcorr evaluate`` / ``evaluate_model`` end to end on tiny benchmark copies (no network).
+
+The fixture images are random noise, so the embedded model's PCK on them says nothing about its
+accuracy; these tests check the plumbing: loading, batching, keypoint mapping both ways, the
+judged side, the per-category table and the JSON file. A pair whose target is its own source is
+the oracle case: any sensible matcher must transfer every keypoint onto itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from semcorr.modeling import CorrespondenceOutput, HyperpixelFlowConfig, image_processor_for
+from semcorr.pipelines.cli import main
+from semcorr.pipelines.evaluation import evaluate_dataset, evaluate_model, resolve_settings
+from semcorr.tests.fixtures_benchmarks import write_pf_pascal, write_pf_willow, write_spair
+
+# The embedded weights at a small input size keep every run well under a second per pair.
+SMALL_SIZE = [128, 128]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(semcorr_cache):
+    """The embedded default model (same weights and settings) saved with a 128 x 128 input.
+
+    ``semcorr_cache`` (tests/conftest.py) points ``$SEMCORR_CACHE`` at a session temporary folder.
+    """
+    from semcorr.modeling import default_model_dir
+
+    return default_model_dir(image_size=SMALL_SIZE)
+
+
+WRITERS = {"pf-pascal": write_pf_pascal, "pf-willow": write_pf_willow, "spair-71k": write_spair}
+CATEGORIES = {"pf-pascal": ["aeroplane", "cat", "dog"], "pf-willow": ["car(G)", "duck(S)"], "spair-71k": ["cat", "dog"]}
+PAIRS = {"pf-pascal": 4, "pf-willow": 5, "spair-71k": 5}
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def check_output(out: str, result: dict, bench_name: str) -> None:
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    for category in CATEGORIES[bench_name]:
+        assert any(line.startswith(f"| {category} |") for line in table), f"{category} missing from\n{out}"
+    assert any(line.startswith("| **total") for line in table)
+    assert result["benchmark"] == bench_name
+    assert result["num_pairs"] == PAIRS[bench_name]
+    assert set(result["per_category"]) == set(CATEGORIES[bench_name])
+    assert sum(row["num_pairs"] for row in result["per_category"].values()) == PAIRS[bench_name]
+    assert sum(row["num_points"] for row in result["per_category"].values()) == result["num_points"] > 0
+    for key in ("pck@0.05", "pck@0.1", "pck@0.15"):
+        assert 0.0 <= result["total"][key] <= 1.0
+    assert result["total"]["pck@0.05"] <= result["total"]["pck@0.1"] <= result["total"]["pck@0.15"]
+    assert len(result["per_pair"]) == PAIRS[bench_name]
+
+
+def test_evaluate_default_embedded_model(tmp_path, capsys, semcorr_cache):
+    """No --model: the embedded default at its own input size, on PF-PASCAL (NCNet-style list)."""
+    root = write_pf_pascal(tmp_path)
+    out_file = tmp_path / "results" / "pascal.json"
+    code, out, err = run_cli(
+        ["evaluate", "--benchmark", "pf-pascal", "--data-dir", str(root), "--out", str(out_file),
+         "--cache-dir", str(tmp_path / "cache"), "--batch-size", "3"], capsys,
+    )
+    assert code == 0, err
+    result = json.loads(out_file.read_text())
+    check_output(out, result, "pf-pascal")
+    assert result["model"] == "embedded-default"
+    assert result["config"]["protocol"] == "hpf" and result["config"]["threshold"] == "image"
+    assert result["config"]["model_input_size"] == [448, 448]
+    assert f"wrote {out_file}" in out
+    assert not [p for p in out_file.parent.iterdir() if p.name.endswith(".tmp")]  # atomic write left nothing
+
+
+@pytest.mark.parametrize("bench_name", ["pf-willow", "spair-71k"])
+def test_evaluate_each_benchmark(bench_name, tmp_path, capsys, small_model_dir):
+    root = WRITERS[bench_name](tmp_path)
+    out_file = tmp_path / "pck.json"
+    code, out, err = run_cli(
+        ["evaluate", "--model", str(small_model_dir), "--benchmark", bench_name, "--data-dir", str(root),
+         "--out", str(out_file), "--cache-dir", str(tmp_path / "cache"), "--no-progress"], capsys,
+    )
+    assert code == 0, err
+    result = json.loads(out_file.read_text())
+    check_output(out, result, bench_name)
+    assert result["model"] == str(small_model_dir)
+    assert result["config"]["model_input_size"] == SMALL_SIZE
+
+
+def test_cats_protocol_judges_on_source_in_its_frame(tmp_path, capsys, small_model_dir):
+    root = write_pf_willow(tmp_path)
+    out_file = tmp_path / "cats.json"
+    code, out, err = run_cli(
+        ["evaluate", "--model", str(small_model_dir), "--benchmark", "pf-willow", "--data-dir", str(root),
+         "--protocol", "cats", "--frame", "protocol", "--alphas", "0.1", "--out", str(out_file),
+         "--cache-dir", str(tmp_path / "cache"), "--no-progress"], capsys,
+    )
+    assert code == 0, err
+    config = json.loads(out_file.read_text())["config"]
+    assert config["side"] == "source" and config["threshold"] == "bbox-kp-padded" and config["padding_value"] == -1.0
+    assert config["frame_size"] == [256, 256] and config["alphas"] == [0.1]
+
+
+def write_identical_willow(tmp_path) -> Path:
+    """PF-WILLOW copy whose every pair is an image with itself, same keypoints on both sides."""
+    root = write_pf_willow(tmp_path)
+    path = root / "test_pairs.csv"
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    for row in rows[1:]:
+        row[1] = row[0]
+        row[22:42] = row[2:22]
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    return root
+
+
+@pytest.mark.parametrize("protocol", ["hpf", "cats"])
+def test_identical_pairs_score_one(protocol, tmp_path, small_model_dir):
+    """An image matched with itself: every keypoint lands on itself, PCK@0.1 = 1 on either side."""
+    root = write_identical_willow(tmp_path)
+    result = evaluate_model(str(small_model_dir), "pf-willow", root, protocol=protocol, alphas=(0.1,),
+                            cache_dir=tmp_path / "cache", progress=False)
+    assert result["config"]["side"] == ("source" if protocol == "cats" else "target")
+    assert result["num_points"] == 50
+    assert result["total"]["pck@0.1"] == pytest.approx(1.0, abs=0.02)
+
+
+class ShiftMatcher(torch.nn.Module):
+    """Fake matcher: moves every query point by ``shift`` model-input pixels (x, y)."""
+
+    def __init__(self, shift=(0.0, 0.0)):
+        super().__init__()
+        self.config = HyperpixelFlowConfig(image_size=[64, 96])
+        self.shift = torch.tensor(shift)
+        self.calls = []
+
+    def match(self, source_pixel_values, target_pixel_values, source_keypoints=None):
+        self.calls.append((source_pixel_values.clone(), target_pixel_values.clone(), source_keypoints.clone()))
+        return CorrespondenceOutput(target_keypoints=source_keypoints + self.shift)
+
+
+def proportional_pairs() -> datasets.Dataset:
+    """Two pairs whose target keypoints sit at the same relative position as the source ones.
+
+    Source images are 40 x 60 (h x w) with a box covering them; target images are 80 x 30 with a
+    tiny 2 x 2 box. Pixel values encode which image is which (source dark, target bright).
+    """
+    source_points = np.array([[6.0, 4.0], [30.0, 20.0], [54.0, 36.0]])
+    target_points = source_points * np.array([30 / 60, 80 / 40])
+    rows = {key: [] for key in ("pair_id", "category", "source_image", "target_image", "source_keypoints",
+                                "target_keypoints", "source_bbox", "target_bbox", "source_image_size",
+                                "target_image_size")}
+    for pair in range(2):
+        rows["pair_id"].append(pair)
+        rows["category"].append(pair)
+        rows["source_image"].append(Image.new("RGB", (60, 40), (10, 10, 10)))
+        rows["target_image"].append(Image.new("RGB", (30, 80), (250, 250, 250)))
+        rows["source_keypoints"].append(source_points.tolist())
+        rows["target_keypoints"].append(target_points.tolist())
+        rows["source_bbox"].append([0.0, 0.0, 60.0, 40.0])
+        rows["target_bbox"].append([10.0, 10.0, 12.0, 12.0])
+        rows["source_image_size"].append([40, 60])
+        rows["target_image_size"].append([80, 30])
+    features = datasets.Features({
+        "pair_id": datasets.Value("int32"),
+        "category": datasets.ClassLabel(names=["bird", "boat"]),
+        "source_image": datasets.Image(), "target_image": datasets.Image(),
+        "source_keypoints": datasets.List(datasets.List(datasets.Value("float32"), length=2)),
+        "target_keypoints": datasets.List(datasets.List(datasets.Value("float32"), length=2)),
+        "source_bbox": datasets.List(datasets.Value("float32"), length=4),
+        "target_bbox": datasets.List(datasets.Value("float32"), length=4),
+        "source_image_size": datasets.List(datasets.Value("int32"), length=2),
+        "target_image_size": datasets.List(datasets.Value("int32"), length=2),
+    })
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def run_fake(matcher, protocol, alphas=(0.05, 0.1)):
+    dataset = proportional_pairs()
+    settings = resolve_settings(protocol, "spair-71k")
+    processor = image_processor_for(matcher.config)
+    return evaluate_dataset(matcher, processor, dataset, "spair-71k", settings, alphas, batch_size=2, progress=False)
+
+
+def test_fake_exact_matcher_scores_one_on_both_sides():
+    """Zero shift in model pixels = exact transfer in original pixels (the keypoint maps are exact inverses)."""
+    for protocol in ("hpf", "cats"):
+        result = run_fake(ShiftMatcher(), protocol)
+        assert result["total"] == {"pck@0.05": 1.0, "pck@0.1": 1.0}
+        assert list(result["per_category"]) == ["bird", "boat"]
+        assert [row["category"] for row in result["per_pair"]] == ["bird", "boat"]
+
+
+def test_side_swaps_query_and_judged_images():
+    """hpf judges on the (tiny-box) target, cats on the (image-sized-box) source; the images and the
+    query keypoints given to match() follow the side."""
+    # 2 model pixels in x is 2 * 60/96 = 1.25 source pixels (box 60: correct at 0.05 -> 3 px) and
+    # 2 * 30/96 = 0.625 target pixels (box 2: wrong even at 0.1 -> 0.2 px).
+    hpf = ShiftMatcher((2.0, 0.0))
+    assert run_fake(hpf, "hpf")["total"] == {"pck@0.05": 0.0, "pck@0.1": 0.0}
+    source_pixels, target_pixels, queries = hpf.calls[0]
+    assert source_pixels.mean() < target_pixels.mean()  # the dark source image is the query image
+    assert torch.allclose(queries[0], torch.tensor([[6.0, 4.0], [30.0, 20.0], [54.0, 36.0]]) * torch.tensor([96 / 60, 64 / 40]))
+
+    cats = ShiftMatcher((2.0, 0.0))
+    assert run_fake(cats, "cats")["total"] == {"pck@0.05": 1.0, "pck@0.1": 1.0}
+    source_pixels, target_pixels, queries = cats.calls[0]
+    assert source_pixels.mean() > target_pixels.mean()  # the bright target image is now the query
+    assert torch.allclose(queries[0], torch.tensor([[3.0, 8.0], [15.0, 40.0], [27.0, 72.0]]) * torch.tensor([96 / 30, 64 / 80]))
+
+
+def test_missing_data_dir_exits_2_naming_it(tmp_path, capsys):
+    missing = tmp_path / "no-such-folder"
+    code, out, err = run_cli(["evaluate", "--benchmark", "spair-71k", "--data-dir", str(missing)], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and str(missing) in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="no-such-folder"):
+        evaluate_model(None, "spair-71k", missing)
+
+
+def test_bad_benchmark_exits_2_one_line(tmp_path, capsys):
+    code, out, err = run_cli(["evaluate", "--benchmark", "pf-nope", "--data-dir", str(tmp_path)], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "pf-nope" in err and "pf-pascal" in err
+    with pytest.raises(ValueError, match="pf-nope"):
+        evaluate_model(None, "pf-nope", tmp_path)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--protocol", "hpf", "--threshold", "bbox"], "contradicts"),
+    (["--protocol", "hpf", "--side", "source"], "contradicts"),
+    (["--protocol", "dift"], "no convention"),
+    (["--alphas", "0"], "alphas"),
+    (["--batch-size", "0"], "batch_size"),
+])
+def test_bad_settings_exit_2_before_loading(extra, expected, tmp_path, capsys):
+    root = tmp_path / "PF-PASCAL"
+    root.mkdir()
+    code, out, err = run_cli(["evaluate", "--benchmark", "pf-pascal", "--data-dir", str(root), *extra], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and expected in err
+
+
+def test_bad_layout_exits_2(tmp_path, capsys):
+    code, out, err = run_cli(["evaluate", "--benchmark", "pf-willow", "--data-dir", str(tmp_path),
+                              "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "test_pairs.csv" in err
+
+
+def test_settings_without_protocol_take_explicit_values():
+    settings = resolve_settings(None, "pf-willow", threshold="bbox-kp-padded", side="source", frame="protocol")
+    assert settings == {"protocol": None, "threshold": "bbox-kp-padded", "average": "pair", "comparison": "<=",
+                        "padding_value": -1.0, "side": "source", "frame": "protocol", "frame_size": None}
+    assert resolve_settings("dhpf", "pf-willow", frame="protocol")["frame_size"] == [240, 240]
