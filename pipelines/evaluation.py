@@ -345,7 +345,7 @@ def format_table(result: dict) -> str:
     """Markdown table: one row per category, then the total (PCK in percent)."""
     keys = [key for key in result["total"]]
     config = result["config"]
-    header = f"| category | pairs | points | " + " | ".join(f"PCK@{k[4:]} (%)" for k in keys) + " |"
+    header = "| category | pairs | points | " + " | ".join(f"PCK@{k[4:]} (%)" for k in keys) + " |"
     lines = [
         f"{result['benchmark']} {result['split']}, model {result['model']}, protocol {config['protocol'] or 'none'} "
         f"(threshold {config['threshold']}, average {config['average']}, comparison {config['comparison']}, "

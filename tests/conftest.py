@@ -108,3 +108,16 @@ def default_pipe():
     from transformers import pipeline
 
     return pipeline("semantic-correspondence")
+
+
+@pytest.fixture
+def datasets_offline(monkeypatch):
+    """Offline for `datasets` and the Hub even when they were imported before the env was set."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import datasets
-import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -28,13 +27,7 @@ from semcorr.tests.fixtures_benchmarks import write_pf_pascal, write_pf_willow, 
 SMALL_SIZE = [128, 128]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("datasets_offline")
 
 
 @pytest.fixture(scope="module")

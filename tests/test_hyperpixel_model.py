@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel
 
