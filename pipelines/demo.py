@@ -28,6 +28,9 @@ def save_image_atomically(image: Image.Image, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         image.save(tmp, format=Image.registered_extensions().get(suffix.lower(), "PNG"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a picture should get ordinary permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
