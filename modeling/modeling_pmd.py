@@ -129,11 +129,18 @@ class PMDPreTrainedModel(SemanticMatcherPreTrainedModel):
             grid_src_to_trg, grid_trg_to_src, confidence, _ = self.predict(source_pixel_values, target_pixel_values)
         output = PMDOutput(grid_src_to_trg=grid_src_to_trg, grid_trg_to_src=grid_trg_to_src, confidence=confidence)
         if source_keypoints is not None:
-            source_size, target_size = source_pixel_values.shape[-2:], target_pixel_values.shape[-2:]
-            points = pixels_to_grid(source_keypoints.to(grid_src_to_trg.dtype), tuple(source_size))
-            target_points, scores = transfer_keypoints(points, grid_src_to_trg, confidence, radius=self.config.transfer_radius)
-            output.target_keypoints = grid_to_pixels(target_points, tuple(target_size))
-            output.keypoint_scores = scores
+            source_size, target_size = tuple(source_pixel_values.shape[-2:]), tuple(target_pixel_values.shape[-2:])
+            points = source_keypoints.to(grid_src_to_trg.dtype)
+            if self.config.grid_align_corners:
+                output.target_keypoints, output.keypoint_scores = _transfer_corner_aligned(
+                    points, grid_src_to_trg, confidence, source_size, target_size
+                )
+            else:
+                target_points, scores = transfer_keypoints(
+                    pixels_to_grid(points, source_size), grid_src_to_trg, confidence, radius=self.config.transfer_radius
+                )
+                output.target_keypoints = grid_to_pixels(target_points, target_size)
+                output.keypoint_scores = scores
         return output
 
     def _cell_targets(self, grid_trg_to_src: torch.Tensor, valid_trg: torch.Tensor | None, shape):
@@ -145,6 +152,28 @@ class PMDPreTrainedModel(SemanticMatcherPreTrainedModel):
         if valid_trg is not None:
             valid = sample_grid_at(valid_trg[:, None].float(), points)[..., 0].reshape(-1, *shape) > 0.999
         return target, valid
+
+
+def _transfer_corner_aligned(points, grid_src_to_trg, confidence, source_size, target_size):
+    """Keypoint transfer as the official PMD evaluation does it (``grid_align_corners=True``).
+
+    The official code reads the field, upsampled with ``align_corners=True``, at the rounded
+    pixel index and maps grid units back with ``(g + 1) (size - 1) / 2``; sampling the cell field
+    at the normalised index with ``align_corners=True`` is the same computation. Pixel index ``i``
+    is the centre ``i + 0.5`` of the package's convention, hence the half-pixel shifts.
+
+    Args:
+        points: ``(B, N, 2)`` source model-input pixels. Returns target pixels ``(B, N, 2)`` and
+        scores ``(B, N)``.
+    """
+    (h_s, w_s), (h_t, w_t) = source_size, target_size
+    index = torch.round(points - 0.5)
+    index = torch.minimum(index.clamp_min(0), index.new_tensor([w_s - 1, h_s - 1]))
+    normalised = 2 * index / index.new_tensor([max(w_s - 1, 1), max(h_s - 1, 1)]) - 1
+    sample = lambda field: F.grid_sample(field, normalised[:, :, None], mode="bilinear", align_corners=True)[..., 0]
+    grid = sample(grid_src_to_trg).transpose(1, 2)  # (B, N, 2)
+    target = (grid + 1) * grid.new_tensor([(w_t - 1) / 2, (h_t - 1) / 2]) + 0.5
+    return target, sample(confidence[:, None])[:, 0]
 
 
 class PMDTeacherModel(PMDPreTrainedModel):

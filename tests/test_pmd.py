@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 
 from semcorr.modeling import (
@@ -175,3 +176,20 @@ def test_smoothness_zero_for_identity_and_affine_fields():
     bumpy = identity_grid(1, 5, 5)
     bumpy[0, 0, 2, 2] += 0.5
     assert float(flow_smoothness(bumpy)) > 0
+
+
+def test_corner_aligned_transfer_reads_the_field_like_the_official_eval(pair):
+    """Official PMD: upsample the cell field (align_corners=True), read it at the rounded pixel index,
+    map back with (g + 1)(size - 1) / 2. Checked here against that recipe done literally."""
+    torch.manual_seed(3)
+    model = PMDStudentModel(PMDStudentConfig(**TINY, grid_align_corners=True)).eval()
+    source, target = pair
+    keypoints = torch.tensor([[[10.5, 12.5], [40.2, 50.7], [63.9, 0.1]], [[5.5, 5.5], [60.0, 3.0], [31.5, 31.5]]])
+    output = model.match(source, target, source_keypoints=keypoints)
+    dense = F.interpolate(output.grid_src_to_trg, size=(64, 64), mode="bilinear", align_corners=True)
+    for b in range(2):
+        for n in range(3):
+            x = min(max(int(round(float(keypoints[b, n, 0]) - 0.5)), 0), 63)
+            y = min(max(int(round(float(keypoints[b, n, 1]) - 0.5)), 0), 63)
+            expected = (dense[b, :, y, x] + 1) * 63 / 2 + 0.5
+            torch.testing.assert_close(output.target_keypoints[b, n], expected, atol=1e-4, rtol=0)
