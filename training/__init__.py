@@ -4,6 +4,9 @@
   the PMD probabilistic teacher on synthetic pairs (see :mod:`semcorr.training.train_teacher`);
   configs in ``training/configs/`` (``pmd_cpu_tiny.yaml``: minutes on a CPU; ``pmd_pf_pascal.yaml``:
   the published recipe).
+* ``python -m semcorr.training.generate_hypotheses --teacher DIR --pairs pf-pascal --data-dir D --output-dir OUT``:
+  the teacher's flow hypotheses on real pairs, in checksummed safetensors shards
+  (:func:`semcorr.training.generate_hypotheses.load_hypotheses` reads them back).
 * :mod:`semcorr.training.config`: the typed YAML config schema shared by the scripts.
 
 Student distillation, cascaded MIL, fine-tuning and labelling: planned, see the README table.
