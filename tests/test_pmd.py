@@ -66,10 +66,15 @@ def test_save_pretrained_round_trip_is_exact(model_name, pair, tmp_path, request
     model.save_pretrained(tmp_path)
     loaded = AutoModel.from_pretrained(tmp_path).eval()
     assert type(loaded) is type(model)
+    saved, restored = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys()
+    assert all(torch.equal(saved[key], restored[key]) for key in saved)  # the round trip itself is exact
+    # Outputs may differ in the last float bits: oneDNN can pick another conv kernel for the
+    # loaded tensors' memory layout or the current thread count.
     source, target = pair
     before, after = model.match(source, target), loaded.match(source, target)
-    assert torch.equal(before.grid_src_to_trg, after.grid_src_to_trg)
-    assert torch.equal(before.grid_trg_to_src, after.grid_trg_to_src)
+    torch.testing.assert_close(before.grid_src_to_trg, after.grid_src_to_trg, atol=1e-6, rtol=0)
+    torch.testing.assert_close(before.grid_trg_to_src, after.grid_trg_to_src, atol=1e-6, rtol=0)
 
 
 def test_match_contract_shapes(student, pair):

@@ -399,12 +399,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    threads = torch.get_num_threads()  # generate() may change it; callers in the same process keep theirs
     try:
         validate_args(args)
         generate(args)
     except ValueError as error:
         print(f"generate_hypotheses: error: {str(error).splitlines()[0] if str(error) else error!r}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 
