@@ -71,10 +71,20 @@ def long_run(setup, tmp_path_factory):
 
 
 def test_loss_falls(long_run):
-    losses = [r["train/loss"] for r in records(long_run) if "train/loss" in r]
-    assert len(losses) == 20
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < first * 0.9, losses
+    """The trained objective (16 distillation + 0.5 smoothness) falls over 20 steps on the 4 pairs.
+
+    The total ``loss`` also holds ``0.01 * KL(N(0, Sigma) || N(0, var))``: it has no gradient for the
+    student and grows as the student nears the hypotheses (var -> 0 while Sigma ~ 1), and with the
+    tiny random teacher it dominates the total (see the report); ``train/objective`` excludes it.
+    """
+    rows = [r for r in records(long_run) if "train/loss" in r]
+    assert len(rows) == 20
+    for key, factor in (("train/objective", 0.9), ("train/distillation", 0.5)):
+        values = [r[key] for r in rows]
+        first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5
+        assert last < first * factor, (key, values)
+    for r in rows:  # loss = objective + 0.01 KL
+        assert abs(r["train/loss"] - r["train/objective"] - 0.01 * r["train/variance_kl"]) < 1e-4 * max(1, r["train/loss"])
 
 
 def test_psr_prior_updated_once_per_epoch(long_run, setup):

@@ -7,7 +7,9 @@
 * ``python -m semcorr.training.generate_hypotheses --teacher DIR --pairs pf-pascal --data-dir D --output-dir OUT``:
   the teacher's flow hypotheses on real pairs, in checksummed safetensors shards
   (:func:`semcorr.training.generate_hypotheses.load_hypotheses` reads them back).
+* ``python -m semcorr.training.distill_student --hypotheses DIR --output-dir OUT``: the static
+  student distilled with PSR weights and CAL (:mod:`semcorr.training.distill_student`).
 * :mod:`semcorr.training.config`: the typed YAML config schema shared by the scripts.
 
-Student distillation, cascaded MIL, fine-tuning and labelling: planned, see the README table.
+Cascaded MIL, fine-tuning and labelling: planned, see the README table.
 """

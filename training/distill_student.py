@@ -476,7 +476,12 @@ def _train(config: DistillConfig, resume: bool = False, max_steps: int | None = 
                 value = variance[i].flip(-1) if flips[i] else variance[i]
                 psr["variance_sum"][int(indices[i])] += value
                 psr["variance_count"][int(indices[i])] += 1
-            terms = {"loss": loss.detach(), **{k: output.losses[k].detach() for k in scalar_terms}}
+            # ``objective``: the part of CAL with a gradient. The variance-KL term is a constant for the
+            # student (prior and variance carry no gradient) that grows as var shrinks, so ``loss`` can rise
+            # while the student learns; ``objective`` is what the optimizer lowers.
+            objective = loss.detach() - model_config.variance_kl_weight * output.losses["variance_kl"].detach()
+            terms = {"loss": loss.detach(), "objective": objective,
+                     **{k: output.losses[k].detach() for k in scalar_terms}}
             values = {k: accelerator.reduce(v.float().reshape(1), reduction="mean").item() for k, v in terms.items()}
             for key, value in values.items():
                 epoch_losses.setdefault(key, []).append(value)
