@@ -26,7 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .file_utils import file_sha256
 from .backbone import load_backbone_weights
 from .configuration_pmd import PMDStudentConfig
 from .default_model import image_processor_for
@@ -183,12 +183,6 @@ def build_pmd_student(state_dict_path: str | os.PathLike, backbone_weights="timm
     return model.eval()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _model_card(checkpoint: Path, sha256: str, config: PMDStudentConfig, backbone_weights) -> str:
@@ -268,7 +262,7 @@ def convert_pmd_checkpoint(
     try:
         model.save_pretrained(staging)
         image_processor_for(model.config).save_pretrained(staging)
-        (staging / "README.md").write_text(_model_card(checkpoint, _sha256(checkpoint), model.config, backbone_weights))
+        (staging / "README.md").write_text(_model_card(checkpoint, file_sha256(checkpoint), model.config, backbone_weights))
         if target.exists() and any(target.iterdir()):
             previous = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".old-{target.name}-"))
             os.replace(target, previous / "old")

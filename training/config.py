@@ -277,15 +277,7 @@ def parse_config(raw: dict, model_config_class, source: str | None = None) -> Tr
         if "image_size" in model and list(model["image_size"]) != list(data.image_size):
             raise ValueError(f"model.image_size {model['image_size']} and data.image_size {data.image_size} differ")
         model["image_size"] = list(data.image_size)
-    for key, minimum in (("batch_size", 1), ("epochs", 1)):
-        if getattr(optim, key) < minimum:
-            raise ValueError(f"optim.{key} must be >= {minimum}, got {getattr(optim, key)}")
-    if optim.lr <= 0:
-        raise ValueError(f"optim.lr must be positive, got {optim.lr}")
-    if optim.max_steps is not None and optim.max_steps < 1:
-        raise ValueError(f"optim.max_steps must be >= 1, got {optim.max_steps}")
-    if run.save_every_steps < 0 or run.keep_checkpoints < 0 or run.log_every_steps < 1:
-        raise ValueError("run.save_every_steps and run.keep_checkpoints must be >= 0, run.log_every_steps >= 1")
+    validate_optim_run(optim, run)
     validate_data(data)
     try:  # the model config's own checks (kernel sizes, levels, ...)
         model_config_class(**model)
@@ -322,3 +314,16 @@ def load_config(path: str | Path, model_config_class, overrides: dict | None = N
             raw[section] = {}
         raw[section][key] = value
     return parse_config(raw, model_config_class, source=str(path))
+
+
+def validate_optim_run(optim: "OptimConfig", run: "RunConfig") -> None:
+    """Range checks of the ``optim`` and ``run`` sections shared by every training script."""
+    for key, minimum in (("batch_size", 1), ("epochs", 1)):
+        if getattr(optim, key) < minimum:
+            raise ValueError(f"optim.{key} must be >= {minimum}, got {getattr(optim, key)}")
+    if optim.lr <= 0:
+        raise ValueError(f"optim.lr must be positive, got {optim.lr}")
+    if optim.max_steps is not None and optim.max_steps < 1:
+        raise ValueError(f"optim.max_steps must be >= 1, got {optim.max_steps}")
+    if run.save_every_steps < 0 or run.keep_checkpoints < 0 or run.log_every_steps < 1:
+        raise ValueError("run.save_every_steps and run.keep_checkpoints must be >= 0, run.log_every_steps >= 1")

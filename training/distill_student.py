@@ -69,6 +69,7 @@ from semcorr.training.config import (
     _check_section,
     dataclass_schema,
     model_config_schema,
+    validate_optim_run,
 )
 from semcorr.training.generate_hypotheses import image_columns, load_hypotheses, load_pairs
 from semcorr.training.train_teacher import (
@@ -155,15 +156,7 @@ def parse_distill_config(raw: dict | None, source: str | None = None) -> Distill
         raise ValueError(f"--hypotheses: no index.json in {data.hypotheses} (not a finished generate_hypotheses run)")
     if not 0.0 <= data.flip_prob <= 1.0:
         raise ValueError(f"data.flip_prob must be in [0, 1], got {data.flip_prob}")
-    for key, minimum in (("batch_size", 1), ("epochs", 1)):
-        if getattr(optim, key) < minimum:
-            raise ValueError(f"optim.{key} must be >= {minimum}, got {getattr(optim, key)}")
-    if optim.lr <= 0:
-        raise ValueError(f"optim.lr must be positive, got {optim.lr}")
-    if optim.max_steps is not None and optim.max_steps < 1:
-        raise ValueError(f"optim.max_steps must be >= 1, got {optim.max_steps}")
-    if run.save_every_steps < 0 or run.keep_checkpoints < 0 or run.log_every_steps < 1:
-        raise ValueError("run.save_every_steps and run.keep_checkpoints must be >= 0, run.log_every_steps >= 1")
+    validate_optim_run(optim, run)
     return DistillConfig(model=model, data=data, optim=optim, run=run, source=source)
 
 

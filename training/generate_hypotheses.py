@@ -50,6 +50,8 @@ from pathlib import Path
 
 import torch
 
+from semcorr.modeling.file_utils import file_sha256
+
 from semcorr.training.train_teacher import _seed
 
 BENCHMARKS = ("pf-pascal", "pf-willow", "spair-71k")
@@ -68,12 +70,6 @@ def sidecar_name(shard: int) -> str:
     return f"{SHARD_PREFIX}{shard:05d}.json"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
