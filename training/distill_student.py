@@ -74,15 +74,16 @@ from semcorr.training.config import (
 from semcorr.training.generate_hypotheses import image_columns, load_hypotheses, load_pairs
 from semcorr.training.train_teacher import (
     CHECKPOINT_PREFIX,
-    STATE_FILE,
     NonFiniteLossError,
     TrainingError,
     _flat_hparams,
     _replace_dir,
     _seed,
     _trackers,
-    checkpoint_steps,
+    append_metrics,
     epoch_order,
+    restore_latest_checkpoint,
+    save_training_checkpoint,
 )
 
 PSR_FILE = "psr_state.safetensors"
@@ -365,19 +366,14 @@ def _train(config: DistillConfig, resume: bool = False, max_steps: int | None = 
     }
     step = 0
     if resume:
-        done = checkpoint_steps(output_dir)
-        if done:
-            checkpoint = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{done[-1]}"
-            accelerator.load_state(str(checkpoint))
-            step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+        step, checkpoint = restore_latest_checkpoint(accelerator, output_dir, "distill_student")
+        if checkpoint is not None:
             loaded = load_psr_state(checkpoint / PSR_FILE)
             if tuple(loaded["psr_prior"].shape) != tuple(psr["psr_prior"].shape):
                 raise ValueError(f"{checkpoint / PSR_FILE}: PSR prior of shape {tuple(loaded['psr_prior'].shape)}, "
                                  f"expected {tuple(psr['psr_prior'].shape)} (other hypotheses?)")
             psr.update(loaded)
             accelerator.print(f"[distill_student] resumed from {checkpoint} at step {step}")
-        else:
-            accelerator.print(f"[distill_student] --resume: no checkpoint in {output_dir / 'checkpoints'}; starting at step 0")
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -385,29 +381,13 @@ def _train(config: DistillConfig, resume: bool = False, max_steps: int | None = 
     metrics_file = output_dir / "metrics.jsonl"
 
     def log(record: dict):
-        if accelerator.is_main_process:
-            with open(metrics_file, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+        append_metrics(accelerator, metrics_file, record)
 
     def save_checkpoint(at_step: int):
-        root = output_dir / "checkpoints"
-        staging = root / f".tmp-{CHECKPOINT_PREFIX}{at_step}"
-        if accelerator.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(staging, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            save_psr_state(staging / PSR_FILE, psr)
-            (staging / STATE_FILE).write_text(json.dumps(
-                {"step": at_step, "epoch": at_step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                 "world_size": world, "global_batch_size": global_batch}))
-            _replace_dir(staging, root / f"{CHECKPOINT_PREFIX}{at_step}")
-            if config.run.keep_checkpoints:
-                for old in checkpoint_steps(output_dir)[: -config.run.keep_checkpoints]:
-                    shutil.rmtree(root / f"{CHECKPOINT_PREFIX}{old}", ignore_errors=True)
-        accelerator.wait_for_everyone()
+        state = {"epoch": at_step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+                 "world_size": world, "global_batch_size": global_batch}
+        save_training_checkpoint(accelerator, output_dir, at_step, state, config.run.keep_checkpoints,
+                                 write_extra=lambda staging: save_psr_state(staging / PSR_FILE, psr))
 
     epoch_losses: dict[str, list[float]] = {}
     last_saved = step if resume and step else None

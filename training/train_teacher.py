@@ -135,6 +135,50 @@ def _replace_dir(staging: Path, target: Path) -> None:
         os.replace(staging, target)
 
 
+def append_metrics(accelerator, metrics_file: Path, record: dict) -> None:
+    """Append one JSON line to ``metrics.jsonl`` (main process only)."""
+    if accelerator.is_main_process:
+        with open(metrics_file, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def restore_latest_checkpoint(accelerator, output_dir: Path, script: str) -> tuple[int, Path | None]:
+    """``--resume``: load the newest ``checkpoints/step-N`` into ``accelerator``; ``(step, dir)``."""
+    done = checkpoint_steps(output_dir)
+    if not done:
+        accelerator.print(f"[{script}] --resume: no checkpoint in {output_dir / 'checkpoints'}; starting at step 0")
+        return 0, None
+    checkpoint = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{done[-1]}"
+    accelerator.load_state(str(checkpoint))
+    return json.loads((checkpoint / STATE_FILE).read_text())["step"], checkpoint
+
+
+def save_training_checkpoint(accelerator, output_dir: Path, at_step: int, state: dict, keep: int, write_extra=None) -> None:
+    """``save_state`` into a staging folder, add ``trainer_state.json`` (and ``write_extra(staging)``),
+    rename it to ``checkpoints/step-N`` and prune to the ``keep`` newest (0 keeps all).
+
+    Model and optimizer are written by the main process, RNG files by every process; the folder
+    appears whole or not at all.
+    """
+    root = output_dir / "checkpoints"
+    staging = root / f".tmp-{CHECKPOINT_PREFIX}{at_step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if write_extra is not None:
+            write_extra(staging)
+        (staging / STATE_FILE).write_text(json.dumps({"step": at_step, **state}))
+        _replace_dir(staging, root / f"{CHECKPOINT_PREFIX}{at_step}")
+        if keep:
+            for old in checkpoint_steps(output_dir)[:-keep]:
+                shutil.rmtree(root / f"{CHECKPOINT_PREFIX}{old}", ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
 def model_card(config: TrainConfig, metrics: dict, model_config) -> str:
     data = config.data.images or f"{config.data.dataset} (split {config.data.dataset_split})"
     lines = [
@@ -268,14 +312,9 @@ def _train(config: TrainConfig, resume: bool = False, max_steps: int | None = No
 
     step = 0
     if resume:
-        done = checkpoint_steps(output_dir)
-        if done:
-            checkpoint = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{done[-1]}"
-            accelerator.load_state(str(checkpoint))
-            step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+        step, checkpoint = restore_latest_checkpoint(accelerator, output_dir, "train_teacher")
+        if checkpoint is not None:
             accelerator.print(f"[train_teacher] resumed from {checkpoint} at step {step}")
-        else:
-            accelerator.print(f"[train_teacher] --resume: no checkpoint in {output_dir / 'checkpoints'}; starting at step 0")
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -283,28 +322,12 @@ def _train(config: TrainConfig, resume: bool = False, max_steps: int | None = No
     metrics_file = output_dir / "metrics.jsonl"
 
     def log(record: dict):
-        if accelerator.is_main_process:
-            with open(metrics_file, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+        append_metrics(accelerator, metrics_file, record)
 
     def save_checkpoint(at_step: int):
-        root = output_dir / "checkpoints"
-        staging = root / f".tmp-{CHECKPOINT_PREFIX}{at_step}"
-        if accelerator.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(staging, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging))  # model/optimizer on the main process, RNG files per process
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (staging / STATE_FILE).write_text(json.dumps(
-                {"step": at_step, "epoch": at_step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                 "world_size": world, "global_batch_size": global_batch}))
-            _replace_dir(staging, root / f"{CHECKPOINT_PREFIX}{at_step}")
-            if config.run.keep_checkpoints:
-                for old in checkpoint_steps(output_dir)[: -config.run.keep_checkpoints]:
-                    shutil.rmtree(root / f"{CHECKPOINT_PREFIX}{old}", ignore_errors=True)
-        accelerator.wait_for_everyone()
+        state = {"epoch": at_step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+                 "world_size": world, "global_batch_size": global_batch}
+        save_training_checkpoint(accelerator, output_dir, at_step, state, config.run.keep_checkpoints)
 
     jitter = ColorJitter() if config.data.color_jitter else None
     epoch_losses: dict[str, list[float]] = {}
