@@ -3,12 +3,24 @@
 * ``stereo_pair``: the Middlebury *motorcycle* pair; ground-truth disparity ``d`` maps left
   pixel centre ``(x, y)`` to right ``(x - d, y)``.
 * ``affine_pair``: scikit-image's *chelsea* photo and a seeded random affine warp of it.
+* ``stereo_crops``: windows of the motorcycle pair (real parallax, occlusions) with their
+  ground-truth points -- held-out evaluation pairs for the CPU training chain.
+* ``crop_pairs_dataset``: unlabelled real pairs (two overlapping crops of one photo, at different
+  positions and scales) -- the "real pairs" the PMD teacher labels with hypotheses on CPU.
+* ``keypoint_pairs_dataset``: :class:`KeypointPair` s as a ``datasets.Dataset`` in the benchmark pair
+  schema, so ``semcorr evaluate --dataset`` and :func:`semcorr.pipelines.evaluation.evaluate_dataset`
+  score them like PF-WILLOW (PCK relative to the keypoint extent).
+
+``python -m semcorr.hub_datasets.skimage_pairs --output-dir DIR`` writes both as ``save_to_disk``
+folders: ``DIR/train-pairs`` and ``DIR/stereo-test``.
 
 Keypoints follow the package convention: (x, y) pixels, origin at the top-left corner.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,3 +101,130 @@ def affine_pair(
         ((source_grid + 1) * scale).numpy().astype(np.float32),
         ((target_grid + 1) * scale).numpy().astype(np.float32),
     )
+
+
+#: Photos of scikit-image's data folder the CPU chain trains on; chelsea and the motorcycle pair are
+#: kept out of training so they can serve as held-out images.
+TRAINING_PHOTOS = (
+    "astronaut.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg", "ihc.png",
+    "horse.png", "camera.png", "brick.png", "grass.png", "gravel.png",
+)
+
+
+def stereo_crops(num_pairs: int = 8, window: tuple[int, int] = (300, 360), seed: int = 0,
+                 max_points: int = 200) -> list[KeypointPair]:
+    """Random windows of the motorcycle pair with the ground-truth points inside both windows.
+
+    The right window is the left one shifted by the median disparity, so most points stay in view;
+    points are re-expressed in window pixels. Windows are ``(height, width)`` of the 500 x 741 pair.
+    """
+    full = stereo_pair(num_points=10**9, seed=seed)
+    disparity = float(np.median(full.source_keypoints[:, 0] - full.target_keypoints[:, 0]))
+    rng = np.random.default_rng(seed)
+    height, width = window
+    pairs = []
+    for index in range(num_pairs):
+        y0 = int(rng.integers(0, full.source_image.height - height + 1))
+        x0 = int(rng.integers(int(np.ceil(disparity)), full.source_image.width - width + 1))
+        x0_right = int(round(x0 - disparity))
+        source = full.source_keypoints - np.array([x0, y0], dtype=np.float32)
+        target = full.target_keypoints - np.array([x0_right, y0], dtype=np.float32)
+        inside = ((source >= 0) & (source <= [width, height])).all(1) & ((target >= 0) & (target <= [width, height])).all(1)
+        chosen = np.flatnonzero(inside)
+        chosen = rng.choice(chosen, size=min(max_points, len(chosen)), replace=False)
+        pairs.append(KeypointPair(
+            f"stereo window {index}",
+            full.source_image.crop((x0, y0, x0 + width, y0 + height)),
+            full.target_image.crop((x0_right, y0, x0_right + width, y0 + height)),
+            source[chosen], target[chosen],
+        ))
+    return pairs
+
+
+def keypoint_pairs_dataset(pairs: list[KeypointPair], category: str = "skimage"):
+    """``datasets.Dataset`` in the benchmark pair schema (boxes: the keypoint extent, as PF-WILLOW)."""
+    import datasets
+
+    from ._common import keypoint_box, pair_features
+
+    rows = {name: [] for name in pair_features([category])}
+    for index, pair in enumerate(pairs):
+        rows["pair_id"].append(index)
+        rows["category"].append(0)
+        for side, image, points in (("source", pair.source_image, pair.source_keypoints),
+                                    ("target", pair.target_image, pair.target_keypoints)):
+            rows[f"{side}_image"].append(image)
+            rows[f"{side}_keypoints"].append(np.asarray(points, dtype=np.float32).tolist())
+            rows[f"{side}_bbox"].append(keypoint_box(np.asarray(points)))
+            rows[f"{side}_image_size"].append([image.height, image.width])
+    return datasets.Dataset.from_dict(rows, features=pair_features([category]))
+
+
+def crop_pairs_dataset(photos=TRAINING_PHOTOS, pairs_per_photo: int = 4, seed: int = 0,
+                       scale_range: tuple[float, float] = (0.55, 0.85)):
+    """Unlabelled real pairs: two overlapping square crops of one photo.
+
+    Crop A covers ``scale_range`` of the shorter side at a random place; crop B is A rescaled by a
+    factor in [0.8, 1.25] and shifted by up to 15 % of its side, clamped inside the photo.
+
+    Returns:
+        ``datasets.Dataset`` with ``source_image``, ``target_image`` (Image) and ``photo`` (string).
+    """
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    rows = {"source_image": [], "target_image": [], "photo": []}
+    for name in photos:
+        photo = Image.open(skimage_data_dir() / name).convert("RGB")
+        shorter = min(photo.width, photo.height)
+        for _ in range(pairs_per_photo):
+            side_a = shorter * rng.uniform(*scale_range)
+            side_b = min(side_a * np.exp(rng.uniform(np.log(0.8), np.log(1.25))), shorter)
+            centre_a = rng.uniform([side_a / 2, side_a / 2], [photo.width - side_a / 2, photo.height - side_a / 2])
+            centre_b = centre_a + rng.uniform(-0.15, 0.15, size=2) * side_a
+            centre_b = np.clip(centre_b, side_b / 2, [photo.width - side_b / 2, photo.height - side_b / 2])
+            rows["source_image"].append(photo.crop(_box(centre_a, side_a)))
+            rows["target_image"].append(photo.crop(_box(centre_b, side_b)))
+            rows["photo"].append(name)
+    features = datasets.Features({"source_image": datasets.Image(), "target_image": datasets.Image(),
+                                  "photo": datasets.Value("string")})
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def _box(centre: np.ndarray, side: float) -> tuple[int, int, int, int]:
+    x0, y0 = (centre - side / 2).round().astype(int)
+    return int(x0), int(y0), int(x0 + round(side)), int(y0 + round(side))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m semcorr.hub_datasets.skimage_pairs",
+                                     description="Write the CPU chain's pairs: unlabelled crop pairs and held-out stereo windows.")
+    parser.add_argument("--output-dir", required=True, help="writes OUTPUT_DIR/train-pairs and OUTPUT_DIR/stereo-test")
+    parser.add_argument("--pairs-per-photo", type=int, default=4)
+    parser.add_argument("--test-pairs", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.pairs_per_photo < 1 or args.test_pairs < 1:
+        print("skimage_pairs: error: --pairs-per-photo and --test-pairs must be >= 1", file=sys.stderr)
+        return 2
+    output = Path(args.output_dir)
+    for name, dataset in (("train-pairs", crop_pairs_dataset(pairs_per_photo=args.pairs_per_photo, seed=args.seed)),
+                          ("stereo-test", keypoint_pairs_dataset(stereo_crops(args.test_pairs, seed=args.seed + 1),
+                                                                 category="stereo"))):
+        _save_atomically(dataset, output / name)
+        print(f"wrote {output / name} ({len(dataset)} pairs)")
+    return 0
+
+
+def _save_atomically(dataset, path: Path) -> None:
+    import shutil
+
+    staging = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    dataset.save_to_disk(str(staging))
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,7 @@ from transformers import PretrainedConfig
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+DISTILLATION_LOSSES = ("cal", "l2")
 
 
 class PMDConfig(PretrainedConfig):
@@ -109,6 +110,8 @@ class PMDStudentConfig(PMDConfig):
         distillation_weight, psr_prior_rate, variance_kl_weight: lambda_2, the per-epoch update
             rate of the PSR prior, and the weight of its KL term in CAL (DESIGN: 16, 0.01, 0.01).
         cycle_sharpness, cycle_offset: the cycle-consistency mask ``1 - sigmoid(a (d - b))``.
+        distillation_loss: ``"cal"`` (PSR weights, cycle mask and the prior's KL, as published) or
+            ``"l2"`` (the ablation: every hypothesis weighted alike, no mask, no KL).
     """
 
     model_type = "semcorr-pmd-student"
@@ -120,8 +123,12 @@ class PMDStudentConfig(PMDConfig):
         variance_kl_weight: float = 0.01,
         cycle_sharpness: float = 50.0,
         cycle_offset: float = 0.08,
+        distillation_loss: str = "cal",
         **kwargs,
     ):
+        if distillation_loss not in DISTILLATION_LOSSES:
+            raise ValueError(f"distillation_loss must be one of {DISTILLATION_LOSSES}, got {distillation_loss!r}")
+        self.distillation_loss = distillation_loss
         self.distillation_weight = float(distillation_weight)
         self.psr_prior_rate = float(psr_prior_rate)
         self.variance_kl_weight = float(variance_kl_weight)

@@ -282,7 +282,8 @@ class PMDStudentModel(PMDPreTrainedModel):
             psr_prior: ``(B, 2, h_s, w_s)`` the PSR prior ``Sigma`` of these pairs (1 initially).
 
         Returns:
-            :class:`PMDOutput`; ``loss`` is CAL and ``losses`` also holds ``psr_weights``,
+            :class:`PMDOutput`; ``loss`` is CAL (plain L2 to every hypothesis with
+            ``distillation_loss="l2"``) and ``losses`` also holds ``psr_weights``,
             ``cycle_mask`` and ``empirical_variance`` (used to update ``Sigma`` once per epoch).
         """
         grid_st, grid_ts, confidence, _ = self.predict(source_pixel_values, target_pixel_values)
@@ -292,10 +293,13 @@ class PMDStudentModel(PMDPreTrainedModel):
             return output
         hypotheses = hypotheses_src_to_trg.to(grid_st.dtype)
         prior = psr_prior if psr_prior is not None else torch.ones_like(grid_st)
+        plain_l2 = self.config.distillation_loss == "l2"
         with torch.no_grad():
             weights = psr_weights(hypotheses, grid_st.detach(), prior)
             variance = empirical_variance(hypotheses, grid_st.detach())
-            if hypotheses_trg_to_src is not None:
+            if plain_l2:
+                weights, mask = torch.ones_like(weights), torch.ones_like(weights)
+            elif hypotheses_trg_to_src is not None:
                 mask = cycle_mask(
                     cycle_errors(hypotheses, hypotheses_trg_to_src.to(grid_st.dtype), self.config.grid_align_corners),
                     self.config.cycle_sharpness, self.config.cycle_offset,
@@ -306,7 +310,7 @@ class PMDStudentModel(PMDPreTrainedModel):
             hypotheses, grid_st, weights, mask, smoothness, prior, variance,
             distillation_weight=self.config.distillation_weight,
             smoothness_weight=self.config.smoothness_weight,
-            variance_kl_weight=self.config.variance_kl_weight,
+            variance_kl_weight=0.0 if plain_l2 else self.config.variance_kl_weight,
         )
         output.loss = terms.pop("loss")
         output.losses = {**terms, "psr_weights": weights, "cycle_mask": mask, "empirical_variance": variance}

@@ -119,11 +119,14 @@ def confidence_aware_loss(
         prior, variance: ``(B, 2, h, w)`` PSR prior and empirical variance.
 
     Returns:
-        ``{"loss", "distillation", "smoothness", "variance_kl"}``.
+        ``{"loss", "objective", "distillation", "smoothness", "variance_kl"}``; ``objective`` is the
+        part with a gradient (the KL term is a constant for the student: prior and variance are
+        not functions of its weights).
     """
     confidence = (weights * mask).detach()
     squared = ((hypotheses.detach() - student[None]) ** 2).sum(dim=2)
     distillation = (confidence * squared).sum() / confidence.sum().clamp_min(1e-6)
     kl = variance_kl(prior, variance.detach())
-    loss = distillation_weight * distillation + smoothness_weight * smoothness + variance_kl_weight * kl
-    return {"loss": loss, "distillation": distillation, "smoothness": smoothness, "variance_kl": kl}
+    objective = distillation_weight * distillation + smoothness_weight * smoothness
+    return {"loss": objective + variance_kl_weight * kl, "objective": objective.detach(),
+            "distillation": distillation, "smoothness": smoothness, "variance_kl": kl}

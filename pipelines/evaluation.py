@@ -1,4 +1,4 @@
-"""``semcorr evaluate``: PCK of any semcorr model on PF-PASCAL, PF-WILLOW or SPair-71k.
+"""``semcorr evaluate``: PCK of any semcorr model on PF-PASCAL, PF-WILLOW, SPair-71k or your own pairs.
 
 Python::
 
@@ -9,6 +9,7 @@ Python::
 Command line::
 
     semcorr evaluate --benchmark pf-pascal --data-dir /data/PF-PASCAL --protocol hpf --out pck.json
+    semcorr evaluate --model runs/student/final --dataset my-pairs/    # a save_to_disk folder of keypoint pairs
 
 How a pair is scored. The benchmark is read with :func:`semcorr.hub_datasets.load_benchmark`.
 Pairs are matched in batches straight through the model and its image processor (no pipeline
@@ -55,12 +56,17 @@ def add_evaluate_arguments(parser) -> None:
     from semcorr.spaces.pck.pck import AVERAGES, COMPARISONS, THRESHOLDS
 
     parser.add_argument("--model", help="model directory or Hub id (default: the embedded model)")
-    parser.add_argument("--benchmark", required=True, choices=list(BENCHMARK_NAMES))
-    parser.add_argument("--data-dir", required=True, help="extracted benchmark archive (see the loaders' docstrings)")
+    parser.add_argument("--benchmark", choices=list(BENCHMARK_NAMES), help="a published benchmark (with --data-dir)")
+    parser.add_argument("--data-dir", help="extracted benchmark archive (see the loaders' docstrings)")
+    parser.add_argument(
+        "--dataset", help="instead of --benchmark: a datasets save_to_disk folder in the benchmark pair schema "
+        "(e.g. written by python -m semcorr.hub_datasets.skimage_pairs); metric defaults unless --protocol",
+    )
     parser.add_argument("--split", default="test", help="test (default), validation/val or train/trn")
     parser.add_argument(
-        "--protocol", default="hpf", choices=[*PROTOCOLS, "none"],
-        help="PCK convention of a published codebase (default hpf); 'none': only the explicit options below",
+        "--protocol", default="default", choices=[*PROTOCOLS, "none", "default"],
+        help="PCK convention of a published codebase (default: hpf on a benchmark, none on --dataset); "
+        "'none': only the explicit options below",
     )
     parser.add_argument("--threshold", choices=list(THRESHOLDS), help="threshold length (default: the protocol's)")
     parser.add_argument("--average", choices=list(AVERAGES), help="averaging (default: the protocol's)")
@@ -81,8 +87,10 @@ def add_evaluate_arguments(parser) -> None:
 
 def run_evaluate_command(args) -> None:
     """Run ``semcorr evaluate``: evaluate, print the table, write ``--out``."""
+    if (args.benchmark is None) == (args.dataset is None):
+        raise ValueError("give either --benchmark (with --data-dir) or --dataset")
     result = evaluate_model(
-        args.model, args.benchmark, args.data_dir, split=args.split,
+        args.model, args.benchmark, args.data_dir, split=args.split, dataset=args.dataset,
         protocol=None if args.protocol == "none" else args.protocol,
         alphas=tuple(args.alphas), batch_size=args.batch_size, cache_dir=args.cache_dir,
         threshold=args.threshold, average=args.average, comparison=args.comparison,
@@ -98,10 +106,10 @@ def run_evaluate_command(args) -> None:
 # ------------------------------------------------------------------------------------ evaluation
 def evaluate_model(
     model_or_id,
-    benchmark: str,
-    data_dir,
+    benchmark: str | None,
+    data_dir=None,
     split: str = "test",
-    protocol: str | None = "hpf",
+    protocol: str | None = "default",
     alphas=DEFAULT_ALPHAS,
     batch_size: int = 8,
     cache_dir=None,
@@ -115,8 +123,9 @@ def evaluate_model(
     image_processor=None,
     device=None,
     progress: bool = True,
+    dataset=None,
 ) -> dict:
-    """PCK of a semcorr model on one split of a benchmark.
+    """PCK of a semcorr model on one split of a benchmark, or on a dataset of keypoint pairs.
 
     Args:
         model_or_id: ``None`` (the embedded default), a model directory or Hub id, a model object
@@ -124,9 +133,9 @@ def evaluate_model(
         benchmark: ``"pf-pascal"``, ``"pf-willow"`` or ``"spair-71k"``.
         data_dir: the extracted benchmark folder.
         split: ``"test"``, ``"validation"``/``"val"`` or ``"train"``/``"trn"``.
-        protocol: a key of :data:`semcorr.spaces.pck.PROTOCOLS` (default ``"hpf"``), or None to
-            use only the explicit ``threshold``/``average``/``comparison``/``side`` (metric
-            defaults: bbox, pair, ``<=``, target).
+        protocol: a key of :data:`semcorr.spaces.pck.PROTOCOLS`, or None to use only the explicit
+            ``threshold``/``average``/``comparison``/``side`` (metric defaults: bbox, pair, ``<=``,
+            target); ``"default"`` is ``"hpf"`` on a benchmark and None on a ``dataset``.
         alphas: PCK thresholds.
         batch_size: pairs per ``match`` call.
         cache_dir: datasets cache for the prepared benchmark.
@@ -137,6 +146,9 @@ def evaluate_model(
         device: torch device for a model loaded here (default cuda when available); a model
             object passed in stays where it is.
         progress: show a tqdm progress bar (stderr).
+        dataset: instead of ``benchmark``/``data_dir``: a ``datasets.Dataset`` or a ``save_to_disk``
+            folder whose rows follow the benchmark pair schema
+            (:func:`semcorr.hub_datasets._common.pair_features`).
 
     Returns:
         A JSON-ready dict: ``model``, ``benchmark``, ``split``, ``data_dir``, ``config`` (the
@@ -152,34 +164,70 @@ def evaluate_model(
     """
     from semcorr.hub_datasets import load_benchmark
 
-    benchmark = _benchmark_name(benchmark)
-    settings = resolve_settings(protocol, benchmark, threshold, average, comparison, padding_value, side, frame)
     alphas = _check_alphas(alphas)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if dataset is not None:
+        if benchmark is not None:
+            raise ValueError("give either a benchmark (with data_dir) or a dataset, not both")
+        return _evaluate_pair_dataset(
+            model_or_id, dataset, None if protocol == "default" else protocol, alphas, batch_size,
+            dict(threshold=threshold, average=average, comparison=comparison, padding_value=padding_value,
+                 side=side, frame=frame), image_processor, device, progress,
+        )
+    benchmark = _benchmark_name(benchmark)
+    protocol = "hpf" if protocol == "default" else protocol
+    settings = resolve_settings(protocol, benchmark, threshold, average, comparison, padding_value, side, frame)
     if data_dir is None:
         raise ValueError(f"data_dir is required: the folder holding the extracted {benchmark} archive")
     if not Path(data_dir).is_dir():
         raise ValueError(f"benchmark data directory {str(data_dir)!r} does not exist or is not a folder")
 
     dataset = load_benchmark(benchmark, data_dir, split=split, cache_dir=cache_dir)
+    header = {"benchmark": benchmark, "split": split, "data_dir": str(Path(data_dir).resolve())}
+    return _score(model_or_id, dataset, header, settings, alphas, batch_size, image_processor, device, progress)
+
+
+def _evaluate_pair_dataset(model_or_id, dataset, protocol, alphas, batch_size, explicit, image_processor, device,
+                           progress) -> dict:
+    """:func:`evaluate_model` on a ``datasets.Dataset`` (or ``save_to_disk`` folder) of keypoint pairs."""
+    import datasets
+
+    settings = resolve_settings(protocol, None, **explicit)
+    source = None
+    if not isinstance(dataset, datasets.Dataset):
+        source = Path(dataset).expanduser()
+        if not (source / "state.json").is_file():
+            raise ValueError(f"dataset {str(source)!r} is not a datasets save_to_disk folder (no state.json)")
+        dataset = datasets.load_from_disk(str(source))
+        if isinstance(dataset, datasets.DatasetDict):
+            raise ValueError(f"dataset {str(source)!r} holds several splits; pass the folder of one")
+    missing = sorted({f"{side}_{name}" for side in ("source", "target") for name in ("image", "keypoints", "bbox", "image_size")}
+                     - set(dataset.column_names))
+    if missing:
+        raise ValueError(f"dataset lacks the pair-schema column(s) {missing}; see semcorr.hub_datasets._common.pair_features")
+    header = {"benchmark": None, "split": None, "data_dir": str(source.resolve()) if source else None}
+    return _score(model_or_id, dataset, header, settings, alphas, batch_size, image_processor, device, progress)
+
+
+def _score(model_or_id, dataset, header: dict, settings: dict, alphas, batch_size, image_processor, device,
+           progress) -> dict:
+    """Load the matcher, score ``dataset`` and wrap the result with ``header`` and timings."""
     model, processor, model_id = load_matcher(model_or_id, image_processor=image_processor, device=device)
     started = time.perf_counter()
-    result = evaluate_dataset(model, processor, dataset, benchmark, settings, alphas, batch_size, progress)
+    result = evaluate_dataset(model, processor, dataset, header["benchmark"] or "dataset", settings, alphas,
+                              batch_size, progress)
     elapsed = time.perf_counter() - started
-    result = {
+    return {
         "model": model_id,
         "model_type": getattr(getattr(model, "config", None), "model_type", type(model).__name__),
-        "benchmark": benchmark,
-        "split": split,
-        "data_dir": str(Path(data_dir).resolve()),
+        **header,
         "config": {**settings, "alphas": list(alphas), "batch_size": batch_size,
                    "model_input_size": list(processor.model_size) if hasattr(processor, "model_size") else None},
         **result,
         "seconds": round(elapsed, 3),
         "seconds_per_pair": round(elapsed / max(result["num_pairs"], 1), 4),
     }
-    return result
 
 
 def resolve_settings(protocol, benchmark, threshold=None, average=None, comparison=None, padding_value=None,

@@ -268,3 +268,38 @@ def test_settings_without_protocol_take_explicit_values():
     assert settings == {"protocol": None, "threshold": "bbox-kp-padded", "average": "pair", "comparison": "<=",
                         "padding_value": -1.0, "side": "source", "frame": "protocol", "frame_size": None}
     assert resolve_settings("dhpf", "pf-willow", frame="protocol")["frame_size"] == [240, 240]
+
+
+# -- your own pairs (--dataset) --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stereo_dataset_dir(tmp_path_factory):
+    from semcorr.hub_datasets.skimage_pairs import keypoint_pairs_dataset, stereo_crops
+
+    folder = tmp_path_factory.mktemp("stereo") / "stereo-test"
+    keypoint_pairs_dataset(stereo_crops(2, max_points=50), category="stereo").save_to_disk(str(folder))
+    return folder
+
+
+def test_evaluate_a_saved_pair_dataset(stereo_dataset_dir, tmp_path, capsys, small_model_dir):
+    """Real stereo windows with ground truth: the embedded model transfers most points within 10 %."""
+    out_file = tmp_path / "pck.json"
+    code, out, err = run_cli(["evaluate", "--model", str(small_model_dir), "--dataset", str(stereo_dataset_dir),
+                              "--out", str(out_file), "--no-progress"], capsys)
+    assert code == 0, err
+    result = json.loads(out_file.read_text())
+    assert result["benchmark"] is None and result["data_dir"] == str(stereo_dataset_dir.resolve())
+    assert result["config"]["protocol"] is None and result["config"]["threshold"] == "bbox"
+    assert result["num_pairs"] == 2 and result["num_points"] == 100
+    assert set(result["per_category"]) == {"stereo"} and "| stereo |" in out
+    assert result["total"]["pck@0.1"] > 0.8, result["total"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--dataset", "DATASET", "--benchmark", "pf-willow", "--data-dir", "DATASET"], "either --benchmark"),
+    ([], "either --benchmark"),
+    (["--dataset", "EMPTY"], "not a datasets save_to_disk folder"),
+])
+def test_dataset_option_errors_exit_2(argv, expected, stereo_dataset_dir, tmp_path, capsys):
+    argv = [str(stereo_dataset_dir) if a == "DATASET" else str(tmp_path) if a == "EMPTY" else a for a in argv]
+    code, out, err = run_cli(["evaluate", *argv], capsys)
+    assert code == 2 and err.count("\n") == 1 and expected in err, err

@@ -121,6 +121,30 @@ def test_gradients_reach_the_student_never_the_teacher(teacher, pair):
     assert output.losses["psr_weights"].shape == (3, 2, 8, 8)
 
 
+def test_plain_l2_ablation_weighs_every_hypothesis_alike(teacher, pair):
+    """``distillation_loss="l2"``: the distillation term is the mean squared distance to every
+    hypothesis (no PSR weights, no cycle mask) and the loss has no variance-KL term."""
+    source, target = pair
+    forward, backward = teacher.sample_hypotheses(source, target, 3, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for loss in ("cal", "l2"):
+        torch.manual_seed(2)
+        model = PMDStudentModel(PMDStudentConfig(**TINY, distillation_loss=loss)).eval()
+        prior = torch.full((2, 2, 8, 8), 0.05)  # makes PSR weights differ from 1
+        outputs[loss] = model(source, target, hypotheses_src_to_trg=forward, hypotheses_trg_to_src=backward,
+                              psr_prior=prior)
+    l2, cal = outputs["l2"], outputs["cal"]
+    assert torch.equal(l2.grid_src_to_trg, cal.grid_src_to_trg)  # same network, only the loss differs
+    squared = ((forward - l2.grid_src_to_trg[None]) ** 2).sum(dim=2)
+    assert float(l2.losses["distillation"]) == pytest.approx(float(squared.mean()), rel=1e-5)
+    expected = 16 * squared.mean() + 0.5 * l2.smoothness
+    assert float(l2.loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(l2.losses["objective"]) == pytest.approx(float(l2.loss), rel=1e-6)
+    assert float(cal.losses["distillation"]) != pytest.approx(float(l2.losses["distillation"]), rel=1e-3)
+    with pytest.raises(ValueError, match="distillation_loss"):
+        PMDStudentConfig(**TINY, distillation_loss="l1")
+
+
 def test_keypoint_loss_is_zero_for_a_perfect_field():
     grid = identity_grid(1, 8, 8)
     points = torch.tensor([[[4.0, 4.0], [20.0, 36.0]]])
@@ -172,6 +196,7 @@ def test_variance_kl_and_cal_by_hand():
                                   torch.ones(1, 2, 1, 1), distillation_weight=16, smoothness_weight=0.5)
     assert float(terms["distillation"].detach()) == pytest.approx(0.25)
     assert float(terms["loss"].detach()) == pytest.approx(16 * 0.25 + 0.5 * 0.1, rel=1e-5)
+    assert float(terms["objective"]) == pytest.approx(16 * 0.25 + 0.5 * 0.1, rel=1e-5)  # KL(Sigma=var) = 0
 
 
 def test_smoothness_zero_for_identity_and_affine_fields():

@@ -138,3 +138,52 @@ def test_skimage_data_dir_has_the_pairs():
 def test_pairs_honour_num_points(num_points):
     assert len(affine_pair(num_points=num_points).source_keypoints) == num_points
     assert len(stereo_pair(num_points=num_points).target_keypoints) == num_points
+
+
+def test_stereo_crops_keep_the_ground_truth():
+    from semcorr.hub_datasets.skimage_pairs import stereo_crops
+
+    pairs = stereo_crops(3, window=(300, 360), seed=2, max_points=100)
+    assert len(pairs) == 3
+    for pair in pairs:
+        assert pair.source_image.size == pair.target_image.size == (360, 300)
+        assert pair.source_keypoints.shape == pair.target_keypoints.shape == (100, 2)
+        for points in (pair.source_keypoints, pair.target_keypoints):
+            assert (points >= 0).all() and (points <= [360, 300]).all()
+        assert np.array_equal(pair.source_keypoints[:, 1], pair.target_keypoints[:, 1])
+        left = _colours_at(pair.source_image, pair.source_keypoints)
+        matched = np.abs(left - _colours_at(pair.target_image, pair.target_keypoints)).mean()
+        shuffled = np.abs(left - _colours_at(pair.target_image, pair.target_keypoints[::-1])).mean()
+        assert matched < 0.5 * shuffled, (matched, shuffled)
+    assert [p.source_keypoints.tolist() for p in pairs] == [p.source_keypoints.tolist() for p in stereo_crops(3, seed=2, max_points=100)]
+
+
+def test_keypoint_pairs_dataset_has_the_benchmark_schema():
+    from semcorr.hub_datasets._common import pair_features
+    from semcorr.hub_datasets.skimage_pairs import keypoint_pairs_dataset, stereo_crops
+
+    pairs = stereo_crops(2, max_points=20)
+    dataset = keypoint_pairs_dataset(pairs, category="stereo")
+    assert dataset.features == pair_features(["stereo"]) and len(dataset) == 2
+    row = dataset[1]
+    assert np.allclose(row["source_keypoints"], pairs[1].source_keypoints)
+    points = np.asarray(row["target_keypoints"])
+    assert row["target_bbox"] == pytest.approx([*points.min(0), *points.max(0)])
+    assert row["target_image_size"] == [300, 360]
+
+
+def test_crop_pairs_overlap_and_the_writer_cli(tmp_path):
+    import datasets
+
+    from semcorr.hub_datasets.skimage_pairs import TRAINING_PHOTOS, crop_pairs_dataset, main
+
+    pairs = crop_pairs_dataset(photos=("coffee.png",), pairs_per_photo=3, seed=1)
+    assert pairs.column_names == ["source_image", "target_image", "photo"] and len(pairs) == 3
+    for row in pairs:
+        a, b = row["source_image"], row["target_image"]
+        assert a.width == a.height and b.width == b.height and 0.8 <= b.width / a.width <= 1.25 + 1e-2
+    assert main(["--output-dir", str(tmp_path), "--pairs-per-photo", "1", "--test-pairs", "2"]) == 0
+    assert len(datasets.load_from_disk(str(tmp_path / "train-pairs"))) == len(TRAINING_PHOTOS)
+    assert len(datasets.load_from_disk(str(tmp_path / "stereo-test"))) == 2
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert main(["--output-dir", str(tmp_path), "--test-pairs", "0"]) == 2

@@ -1,4 +1,4 @@
-"""PMD teacher training entry point: config validation, outputs, resume, NaN stop, 2 processes, learning."""
+"""PMD teacher training entry point: config validation, outputs, resume, NaN stop, 2 processes (learning: test_pmd_chain)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -64,6 +65,8 @@ def run_cli(*args, env=None, timeout=300):
         ("model", {"backbone_layers": [2.5, 3]}, r"model\.backbone_layers must be"),
         ("data", {"images": "/nonexistent/folder"}, r"data\.images: folder not found"),
         ("data", {"images": "skimage:astronaut.png,nope.png"}, r"nope\.png"),
+        ("data", {"keypoint_dataset": "pf-pascal"}, r"needs data\.keypoint_data_dir"),
+        ("data", {"keypoint_dataset": "/nonexistent/pairs"}, r"neither a benchmark"),
     ],
 )
 def test_config_errors_before_any_work(tmp_path, image_folder, monkeypatch, section, values, message):
@@ -82,7 +85,7 @@ def test_unknown_section_and_published_configs(tmp_path, image_folder):
         load_config(path, PMDTeacherConfig)
     configs = Path(train_teacher.__file__).parent / "configs"
     tiny = load_config(configs / "pmd_cpu_tiny.yaml", PMDTeacherConfig)
-    assert tiny.model["backbone_weights"] == "embedded" and tiny.model["image_size"] == [128, 128]
+    assert tiny.model["backbone_weights"] == "embedded" and tiny.model["image_size"] == [256, 256]
     # the published recipe (its data folder does not exist here: point it at ours)
     published = load_config(configs / "pmd_pf_pascal.yaml", PMDTeacherConfig, {"data.images": str(image_folder)})
     assert published.model["backbone"] == "resnet101.tv_in1k" and published.model["backbone_layers"] == [3, 4]
@@ -199,40 +202,82 @@ def test_two_cpu_processes_match_one(tmp_path, image_folder):
     assert steps[0]["train/loss"] == pytest.approx(steps_one[0]["train/loss"], rel=0.25)
 
 
-# -- learning --------------------------------------------------------------------------------------
-def held_out_epe(model, flip_prob: float, seed: int = 123, count: int = 8) -> float:
-    """Mean end-point error (grid units, valid target cells) on warps of chelsea (never trained on)."""
-    from semcorr.hub_datasets.skimage_pairs import skimage_data_dir
-    from semcorr.hub_datasets.synthetic import SyntheticPairGenerator
+# -- strong supervision ----------------------------------------------------------------------------
+def test_keypoint_dataset_adds_the_sparse_term(tmp_path, image_folder, datasets_offline):
+    """--keypoint-dataset: each step also trains on labelled PF-PASCAL pairs (logged train/keypoints)."""
+    from tests.fixtures_benchmarks import write_pf_pascal
 
-    size = tuple(model.config.image_size)
-    image = train_teacher.ImageSource.__new__(train_teacher.ImageSource)
-    image._reader, image.image_size, image.items = (lambda i: __import__("PIL.Image").Image.open(
-        skimage_data_dir() / "chelsea.png").convert("RGB")), size, ["chelsea.png"]
-    pixels = image.read(0)[None].repeat(count, 1, 1, 1)
-    pairs = SyntheticPairGenerator(seed=seed, flip_prob=flip_prob, jitter=None)(pixels)
-    mean = torch.tensor(model.config.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(model.config.image_std).view(1, 3, 1, 1)
-    model.eval()
-    with torch.no_grad():
-        output = model((pairs["source_pixel_values"] - mean) / std, (pairs["target_pixel_values"] - mean) / std,
-                       grid_trg_to_src=pairs["grid_trg_to_src"], valid_trg=pairs["valid_trg"])
-    return output.losses["grid"].item()
+    pascal = write_pf_pascal(tmp_path / "pascal")
+    config = write_config(tmp_path / "k.yaml", image_folder, tmp_path / "out", optim={"max_steps": 2})
+    assert train_teacher.main(["--config", str(config), "--keypoint-dataset", "pf-pascal",
+                               "--keypoint-data-dir", str(pascal)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:  # the step's loss holds the keypoint term (weight 1)
+        assert r["train/keypoints"] > 0
+        assert r["train/loss"] > r["train/grid"] + r["train/keypoints"] - 1e-6
 
 
-def test_teacher_learns_on_synthetic_warps(tmp_path):
-    """A short CPU run of the tiny config lowers the held-out EPE (warps incl. flips) by >= 30 %."""
-    import semcorr.modeling  # noqa: F401
-    from transformers import AutoModel
+def test_keypoint_rows_cover_every_pair_each_pass():
+    from semcorr.training.keypoint_supervision import keypoint_rows
 
-    configs = Path(train_teacher.__file__).parent / "configs"
-    config = load_config(configs / "pmd_cpu_tiny.yaml", PMDTeacherConfig,
-                         {"run.output_dir": str(tmp_path / "out"), "run.log_with": [], "run.save_every_steps": 0})
-    untrained = train_teacher.build_model(config.model, config.optim.seed)
-    before = {flip: held_out_epe(untrained, flip) for flip in (0.0, 0.5)}
-    train_teacher.train(config)
-    trained = AutoModel.from_pretrained(tmp_path / "out" / "final")
-    after = {flip: held_out_epe(trained, flip) for flip in (0.0, 0.5)}
-    print("held-out EPE before", before, "after", after)
-    assert after[0.5] <= 0.7 * before[0.5], (before, after)
-    assert after[0.0] <= before[0.0] * 1.1, (before, after)  # unflipped pairs do not get worse
+    first_pass = np.concatenate([keypoint_rows(10, 4, 0, step) for step in range(2)])
+    assert len(set(first_pass.tolist())) == 8
+    assert np.array_equal(keypoint_rows(10, 4, 0, 1), keypoint_rows(10, 4, 0, 1))
+    assert not np.array_equal(keypoint_rows(10, 4, 0, 0), keypoint_rows(10, 4, 0, 2))  # a new permutation
+
+
+def test_bare_config_names_resolve_to_the_shipped_configs(tmp_path, monkeypatch, capsys):
+    from semcorr.training.config import read_config_file
+
+    monkeypatch.chdir(tmp_path)  # no such file here: the packaged one is used
+    for name in ("pmd_cpu_tiny.yaml", "pmd_cpu_tiny"):
+        raw, path = read_config_file(name)
+        assert path == Path(train_teacher.__file__).parent / "configs" / "pmd_cpu_tiny.yaml"
+        assert raw["model"]["backbone_weights"] == "embedded"
+    with pytest.raises(ValueError, match=r"config file not found: nope\.yaml.*pmd_cpu_tiny_student\.yaml"):
+        read_config_file("nope.yaml")
+    assert train_teacher.main(["--config", "nope.yaml"]) == 2
+    assert "configs shipped with semcorr" in capsys.readouterr().err
+
+
+def test_published_student_configs_parse(tmp_path):
+    from semcorr.training.distill_student import load_distill_config
+
+    (tmp_path / "index.json").write_text("{}")
+    tiny = load_distill_config("pmd_cpu_tiny_student.yaml", {"data.hypotheses": str(tmp_path)})
+    assert tiny.model == {"distillation_loss": "cal"} and tiny.optim.batch_size == 4
+    paper = load_distill_config("pmd_pf_pascal_student.yaml", {"data.hypotheses": str(tmp_path)})
+    assert (paper.optim.lr, paper.optim.batch_size, paper.optim.epochs) == (3e-5, 16, 100)
+    assert (paper.optim.lr_milestones, paper.optim.lr_gamma, paper.data.flip_prob) == ([60], 0.2, 0.5)
+    assert paper.model["distillation_weight"] == 16.0 and paper.model["psr_prior_rate"] == 0.01
+
+
+def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, image_folder):
+    """SIGKILL right after the first checkpoint (possibly while the next is being written), then --resume."""
+    import signal
+    import time
+
+    settings = dict(optim={"epochs": 3}, run={"save_every_steps": 2, "num_threads": 1})
+    reference = load_config(write_config(tmp_path / "ref.yaml", image_folder, tmp_path / "ref", **settings), PMDTeacherConfig)
+    train_teacher.train(reference)
+    config = write_config(tmp_path / "k.yaml", image_folder, tmp_path / "out", **settings)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "semcorr.training.train_teacher", "--config", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
+    deadline = time.time() + 300
+    while not train_teacher.checkpoint_steps(tmp_path / "out") and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    saved = train_teacher.checkpoint_steps(tmp_path / "out")
+    assert saved and saved[-1] < 12 and not (tmp_path / "out" / "final").exists(), saved  # killed mid-run
+    resumed = run_cli("--config", config, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {saved[-1]}" in resumed.stdout + resumed.stderr
+    expected = load_file(tmp_path / "ref" / "final" / "model.safetensors")
+    weights = load_file(tmp_path / "out" / "final" / "model.safetensors")
+    assert expected.keys() == weights.keys()
+    for name in expected:
+        torch.testing.assert_close(weights[name], expected[name], rtol=0, atol=1e-6, msg=name)

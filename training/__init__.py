@@ -10,6 +10,8 @@
 * ``python -m semcorr.training.distill_student --hypotheses DIR --output-dir OUT``: the static
   student distilled with PSR weights and CAL (:mod:`semcorr.training.distill_student`).
 * :mod:`semcorr.training.config`: the typed YAML config schema shared by the scripts.
+* :mod:`semcorr.training.trainer`: the accelerator setup, step-loop pieces, checkpoints, metrics
+  and ``final/`` writing shared by ``train_teacher`` and ``distill_student``.
 
 Cascaded MIL, fine-tuning and labelling: planned, see the README table.
 """

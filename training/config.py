@@ -122,6 +122,10 @@ class DataConfig:
             must agree when both are given).
         repeats: passes over the image list per epoch (tiny image sets).
         warp_kinds, flip_prob, color_jitter: :class:`~semcorr.hub_datasets.SyntheticPairGenerator` options.
+        keypoint_dataset: labelled pairs for sparse keypoint supervision (the strongly supervised
+            PMD): ``pf-pascal``, ``pf-willow``, ``spair-71k`` (with ``keypoint_data_dir``) or a
+            ``save_to_disk`` folder in the benchmark pair schema; None: synthetic supervision only.
+        keypoint_data_dir, keypoint_split: the benchmark's extracted folder and split.
     """
 
     images: str | None = None
@@ -133,6 +137,9 @@ class DataConfig:
     warp_kinds: list[str] = field(default_factory=lambda: ["affine", "homography", "tps"])
     flip_prob: float = 0.5
     color_jitter: bool = True
+    keypoint_dataset: str | None = None
+    keypoint_data_dir: str | None = None
+    keypoint_split: str = "trn"
 
 
 @dataclass
@@ -258,10 +265,21 @@ def validate_data(data: DataConfig) -> None:
         raise ValueError(f"data.repeats must be >= 1, got {data.repeats}")
     if data.image_size is not None and len(data.image_size) != 2:
         raise ValueError(f"data.image_size must be [height, width], got {data.image_size}")
+    if data.keypoint_dataset is not None:
+        from semcorr.hub_datasets import BENCHMARKS
+
+        if data.keypoint_dataset in BENCHMARKS:
+            folder = data.keypoint_data_dir
+            if not folder or not Path(folder).expanduser().is_dir():
+                raise ValueError(f"data.keypoint_dataset {data.keypoint_dataset!r} needs data.keypoint_data_dir "
+                                 f"(--keypoint-data-dir), the extracted benchmark folder; got {folder!r}")
+        elif not (Path(data.keypoint_dataset).expanduser() / "state.json").is_file():
+            raise ValueError(f"data.keypoint_dataset: {data.keypoint_dataset!r} is neither a benchmark "
+                             f"({', '.join(BENCHMARKS)}) nor a datasets save_to_disk folder")
 
 
-def parse_config(raw: dict, model_config_class, source: str | None = None) -> TrainConfig:
-    """Validate a parsed YAML mapping into a :class:`TrainConfig` (no side effects)."""
+def check_sections(raw) -> dict:
+    """A parsed YAML document (``None``: empty) as a mapping of the known :data:`SECTIONS`, else ``ValueError``."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -269,10 +287,22 @@ def parse_config(raw: dict, model_config_class, source: str | None = None) -> Tr
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ValueError(f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(SECTIONS)}")
+    return raw
+
+
+def parse_optim_run(raw: dict, run_defaults: dict | None = None) -> tuple[OptimConfig, RunConfig]:
+    """The checked ``optim`` and ``run`` sections of ``raw`` (``run_defaults``: fields under the file's)."""
+    optim = OptimConfig(**_check_section("optim", raw.get("optim"), dataclass_schema(OptimConfig)))
+    run = RunConfig(**{**(run_defaults or {}), **_check_section("run", raw.get("run"), dataclass_schema(RunConfig))})
+    return optim, run
+
+
+def parse_config(raw: dict, model_config_class, source: str | None = None) -> TrainConfig:
+    """Validate a parsed YAML mapping into a :class:`TrainConfig` (no side effects)."""
+    raw = check_sections(raw)
     model = _check_section("model", raw.get("model"), model_config_schema(model_config_class))
     data = DataConfig(**_check_section("data", raw.get("data"), dataclass_schema(DataConfig)))
-    optim = OptimConfig(**_check_section("optim", raw.get("optim"), dataclass_schema(OptimConfig)))
-    run = RunConfig(**_check_section("run", raw.get("run"), dataclass_schema(RunConfig)))
+    optim, run = parse_optim_run(raw)
     if data.image_size is not None:
         if "image_size" in model and list(model["image_size"]) != list(data.image_size):
             raise ValueError(f"model.image_size {model['image_size']} and data.image_size {data.image_size} differ")
@@ -289,21 +319,40 @@ def parse_config(raw: dict, model_config_class, source: str | None = None) -> Tr
     return TrainConfig(model=model, data=data, optim=optim, run=run, source=source)
 
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def read_config_file(path: str | Path):
+    """``(parsed YAML, path)``; a bare name such as ``pmd_cpu_tiny.yaml`` (or ``pmd_cpu_tiny``) that is
+    not a file here is looked up among the configs shipped in ``semcorr/training/configs``.
+
+    Raises:
+        ValueError: no such file (the message lists the packaged configs), or invalid YAML.
+    """
+    import yaml  # PyYAML (a dependency of transformers)
+
+    path = Path(path).expanduser()
+    if not path.is_file() and len(path.parts) == 1:
+        for candidate in (PACKAGED_CONFIGS / path.name, PACKAGED_CONFIGS / f"{path.name}.yaml"):
+            if candidate.is_file():
+                path = candidate
+                break
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.name for p in PACKAGED_CONFIGS.glob("*.yaml")))
+        raise ValueError(f"config file not found: {path} (configs shipped with semcorr: {shipped})")
+    try:
+        return yaml.safe_load(path.read_text()), path
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from error
+
+
 def load_config(path: str | Path, model_config_class, overrides: dict | None = None) -> TrainConfig:
     """Read and validate a YAML config; ``overrides`` maps ``"section.key"`` to a value.
 
     Raises:
         ValueError: missing file, bad YAML, unknown key, wrong type, missing data path.
     """
-    import yaml  # PyYAML (a dependency of transformers)
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from error
+    raw, path = read_config_file(path)
     raw = raw or {}
     for dotted, value in (overrides or {}).items():
         section, key = dotted.split(".", 1)

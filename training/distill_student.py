@@ -44,50 +44,39 @@ uninterrupted one.
 
 Outputs under ``output_dir``: ``checkpoints/step-N`` (``accelerator.save_state``, ``trainer_state.json``,
 ``psr_state.safetensors``), ``final/`` (``save_pretrained`` + image processor + model card
-``README.md`` + ``psr_state.safetensors``), ``metrics.jsonl``, tracker logs. Directories are written
-under a temporary name and renamed into place. A non-finite loss stops the run naming the step.
+``README.md`` + ``psr_state.safetensors`` + ``training_metrics.json``), ``metrics.jsonl``, tracker logs.
+Directories are written under a temporary name and renamed into place. A non-finite loss stops the
+run naming the step. The step loop, checkpoints and outputs are the pieces of
+:mod:`semcorr.training.trainer`, shared with :mod:`semcorr.training.train_teacher`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from semcorr.training import trainer
 from semcorr.training.config import (
     OptimConfig,
     RunConfig,
     _check_section,
+    check_sections,
     dataclass_schema,
     model_config_schema,
+    parse_optim_run,
+    read_config_file,
     validate_optim_run,
 )
 from semcorr.training.generate_hypotheses import image_columns, load_hypotheses, load_pairs
-from semcorr.training.train_teacher import (
-    CHECKPOINT_PREFIX,
-    NonFiniteLossError,
-    TrainingError,
-    _flat_hparams,
-    _replace_dir,
-    _seed,
-    _trackers,
-    append_metrics,
-    epoch_order,
-    restore_latest_checkpoint,
-    save_training_checkpoint,
-)
+from semcorr.training.trainer import _seed
 
 PSR_FILE = "psr_state.safetensors"
-SECTIONS = ("model", "data", "optim", "run")
 # PMDConfig fields that define the network (copied from the teacher; a model override wins).
 ARCHITECTURE_FIELDS = (
     "backbone", "backbone_layers", "backbone_weights", "image_size", "image_mean", "image_std",
@@ -140,17 +129,10 @@ def parse_distill_config(raw: dict | None, source: str | None = None) -> Distill
     """Validate a mapping of sections into a :class:`DistillConfig` (``ValueError`` naming the key)."""
     from semcorr.modeling import PMDStudentConfig
 
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"a config file must be a mapping of sections {SECTIONS}, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(SECTIONS)}")
+    raw = check_sections(raw or {})
     model = _check_section("model", raw.get("model"), model_config_schema(PMDStudentConfig))
     data = DistillDataConfig(**_check_section("data", raw.get("data"), dataclass_schema(DistillDataConfig)))
-    optim = OptimConfig(**_check_section("optim", raw.get("optim"), dataclass_schema(OptimConfig)))
-    run_values = _check_section("run", raw.get("run"), dataclass_schema(RunConfig))
-    run = RunConfig(**{"output_dir": "runs/pmd-student", **run_values})
+    optim, run = parse_optim_run(raw, {"output_dir": "runs/pmd-student"})
     if data.hypotheses is None:
         raise ValueError("data.hypotheses (--hypotheses) is required: a generate_hypotheses output directory")
     if not (Path(data.hypotheses).expanduser() / "index.json").is_file():
@@ -163,17 +145,10 @@ def parse_distill_config(raw: dict | None, source: str | None = None) -> Distill
 
 def load_distill_config(path: str | None, overrides: dict | None = None) -> DistillConfig:
     """Read the YAML file (optional) and apply ``{"section.key": value}`` overrides, then validate."""
-    import yaml
-
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML: {error}") from error
+        raw, path = read_config_file(path)
+        raw = raw or {}
     if isinstance(raw, dict):
         for dotted, value in (overrides or {}).items():
             section, key = dotted.split(".", 1)
@@ -244,16 +219,11 @@ def load_psr_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def model_card(config: DistillConfig, metrics: dict, model_config, hypotheses_config: dict) -> str:
-    lines = [
-        "---", "library_name: transformers", "tags:", "- semcorr", "- semantic-correspondence", "- pmd",
-        "---", "",
-        "# PMD student (semcorr)", "",
-        "Static student of PMD (Li et al., *Probabilistic Model Distillation for Semantic Correspondence*, "
-        "CVPR 2021), distilled with `semcorr.training.distill_student` from probabilistic-teacher hypotheses "
-        "with PSR (per-pixel hypothesis reweighting with a per-pair prior updated once per epoch) and CAL "
-        "(confidence-aware loss; reconstructed, see `semcorr/modeling/pmd_losses.py`).", "",
-        "```python", "import semcorr.modeling  # registers the model types",
-        "from transformers import AutoModel", "model = AutoModel.from_pretrained('<this folder>')", "```", "",
+    summary = ("Static student of PMD (Li et al., *Probabilistic Model Distillation for Semantic Correspondence*, "
+               "CVPR 2021), distilled with `semcorr.training.distill_student` from probabilistic-teacher hypotheses "
+               "with PSR (per-pixel hypothesis reweighting with a per-pair prior updated once per epoch) and CAL "
+               "(confidence-aware loss; reconstructed, see `semcorr/modeling/pmd_losses.py`).")
+    body = [
         "## Data", "",
         f"- teacher: `{config.data.teacher}`",
         f"- hypotheses: `{config.data.hypotheses}` ({hypotheses_config.get('num_hypotheses')} per pair, "
@@ -263,43 +233,29 @@ def model_card(config: DistillConfig, metrics: dict, model_config, hypotheses_co
         "## Training", "",
         f"- backbone `{model_config.backbone}` (frozen, copied from the teacher), levels {model_config.backbone_layers}, "
         f"image size {model_config.image_size}",
-        f"- CAL: distillation weight {model_config.distillation_weight}, smoothness weight "
+        f"- loss `{model_config.distillation_loss}`: distillation weight {model_config.distillation_weight}, smoothness weight "
         f"{model_config.smoothness_weight}, variance-KL weight {model_config.variance_kl_weight}, "
         f"PSR prior rate {model_config.psr_prior_rate}",
         f"- Adam lr {config.optim.lr}, global batch {config.optim.batch_size}, {metrics.get('steps')} steps "
         f"({metrics.get('epochs_completed')} epochs), lr x{config.optim.lr_gamma} at epochs "
         f"{config.optim.lr_milestones}, seed {config.optim.seed}, {metrics.get('world_size')} process(es)", "",
-        "## Metrics (training, last epoch mean)", "",
-        "| metric | value |", "|---|---|",
     ]
-    for key, value in sorted(metrics.items()):
-        lines.append(f"| {key} | {value:.6g} |" if isinstance(value, float) else f"| {key} | {value} |")
-    lines += ["", "## Config", "", "```json", json.dumps(config.to_dict(), indent=2, default=str), "```", ""]
-    return "\n".join(lines)
+    return "\n".join(trainer.card_head("PMD student (semcorr)", summary) + body + trainer.card_tail(metrics, config))
 
 
 # -- training --------------------------------------------------------------------------------------
 def train(config: DistillConfig, resume: bool = False, max_steps: int | None = None) -> dict:
     """Run (or resume) a distillation; ``run.num_threads`` holds only for the run."""
-    threads = torch.get_num_threads()
-    try:
-        if config.run.num_threads:
-            torch.set_num_threads(config.run.num_threads)
+    with trainer.torch_threads(config.run.num_threads):
         return _train(config, resume, max_steps)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(config: DistillConfig, resume: bool = False, max_steps: int | None = None) -> dict:
     """Returns the final metrics (on every process).
 
     Raises:
-        NonFiniteLossError: the loss of a step was NaN / inf (named; nothing is saved for it).
+        ~semcorr.training.trainer.NonFiniteLossError: the loss of a step was NaN / inf (named; nothing is saved for it).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-    from tqdm.auto import tqdm
-
     from semcorr.modeling import image_processor_for
     from semcorr.modeling.pmd_losses import update_prior
 
@@ -323,39 +279,20 @@ def _train(config: DistillConfig, resume: bool = False, max_steps: int | None = 
         raise ValueError(f"the pairs ({num_pairs}) and the hypotheses ({len(store)}) differ in number; "
                          "use the pairs the hypotheses were generated for")
 
-    cpu = config.run.cpu
-    if cpu is None:
-        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
-    trackers = _trackers(list(config.run.log_with)) if config.run.log_with else []
-    accelerator = Accelerator(
-        cpu=cpu, log_with=trackers or None, step_scheduler_with_optimizer=False,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
+    accelerator = trainer.make_accelerator(config.run, output_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = config.optim.batch_size
-    if global_batch % world:
-        raise ValueError(f"optim.batch_size {global_batch} is not divisible by the {world} processes")
-    per_process = global_batch // world
-    if per_process < 2:
-        raise ValueError(f"optim.batch_size {global_batch} over {world} process(es) gives {per_process} pair per "
-                         "process; the batch norm of the co-channel attention needs at least 2 per process")
+    per_process = trainer.per_process_batch(global_batch, world)
     if num_pairs < global_batch:
         raise ValueError(f"optim.batch_size {global_batch} exceeds the {num_pairs} pairs")
     steps_per_epoch = num_pairs // global_batch  # drop_last
-    total_steps = steps_per_epoch * config.optim.epochs
-    for limit in (config.optim.max_steps, max_steps):
-        if limit is not None:
-            total_steps = min(total_steps, limit)
+    total_steps = trainer.count_steps(steps_per_epoch, config.optim.epochs, config.optim.max_steps, max_steps)
 
     model, _ = build_student(Path(data.teacher).expanduser(), config.model, config.optim.seed)
     model_config = model.config
     processor = image_processor_for(model_config)
     grid_shape = tuple(store[0][0].shape[-2:])
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    milestones = [m * steps_per_epoch for m in config.optim.lr_milestones]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.optim.lr_gamma)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = trainer.prepare_optimizer(accelerator, model, config.optim, steps_per_epoch)
 
     psr = {
         "psr_prior": torch.ones(num_pairs, 2, *grid_shape),
@@ -366,7 +303,7 @@ def _train(config: DistillConfig, resume: bool = False, max_steps: int | None = 
     }
     step = 0
     if resume:
-        step, checkpoint = restore_latest_checkpoint(accelerator, output_dir, "distill_student")
+        step, checkpoint = trainer.restore_latest_checkpoint(accelerator, output_dir, "distill_student")
         if checkpoint is not None:
             loaded = load_psr_state(checkpoint / PSR_FILE)
             if tuple(loaded["psr_prior"].shape) != tuple(psr["psr_prior"].shape):
@@ -375,32 +312,20 @@ def _train(config: DistillConfig, resume: bool = False, max_steps: int | None = 
             psr.update(loaded)
             accelerator.print(f"[distill_student] resumed from {checkpoint} at step {step}")
 
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.init_trackers("pmd-student", config=_flat_hparams(config))
-    metrics_file = output_dir / "metrics.jsonl"
+    metrics_file = trainer.start_logging(accelerator, output_dir, "pmd-student", config)
 
-    def log(record: dict):
-        append_metrics(accelerator, metrics_file, record)
-
-    def save_checkpoint(at_step: int):
-        state = {"epoch": at_step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                 "world_size": world, "global_batch_size": global_batch}
-        save_training_checkpoint(accelerator, output_dir, at_step, state, config.run.keep_checkpoints,
-                                 write_extra=lambda staging: save_psr_state(staging / PSR_FILE, psr))
+    def write_psr(folder: Path):
+        save_psr_state(folder / PSR_FILE, psr)
 
     epoch_losses: dict[str, list[float]] = {}
     last_saved = step if resume and step else None
     scalar_terms = ("distillation", "smoothness", "variance_kl")
     model.train()
     start_time = time.time()
-    while step < total_steps:
-        epoch, first = divmod(step, steps_per_epoch)
-        order = epoch_order(num_pairs, 1, config.optim.seed, epoch)
+    for epoch, steps in trainer.epoch_ranges(step, steps_per_epoch, total_steps):
+        order = trainer.epoch_order(num_pairs, 1, config.optim.seed, epoch)
         epoch_losses = {}
-        last = min(steps_per_epoch, first + total_steps - step)
-        bar = tqdm(range(first, last), desc=f"epoch {epoch + 1}/{config.optim.epochs}",
-                   disable=not accelerator.is_local_main_process, leave=False)
+        bar = trainer.progress_bar(accelerator, steps, epoch, config.optim.epochs)
         for in_epoch in bar:
             indices = order[in_epoch * global_batch:(in_epoch + 1) * global_batch]
             generator = torch.Generator().manual_seed(_seed(config.optim.seed, epoch, in_epoch, 2))
@@ -428,19 +353,8 @@ def _train(config: DistillConfig, resume: bool = False, max_steps: int | None = 
                 hypotheses_trg_to_src=torch.stack(backward, dim=1).to(device),
                 psr_prior=torch.stack(prior).to(device),
             )
-            loss = output.loss
-            finite = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=device)
-            if accelerator.reduce(finite, reduction="sum").item() < world:
-                accelerator.end_training()
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step + 1} (epoch {epoch + 1}, loss {loss.item()}); stopped without "
-                    f"saving it; last good checkpoint: "
-                    f"{output_dir / 'checkpoints' / f'{CHECKPOINT_PREFIX}{last_saved}' if last_saved else 'none'}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
+            trainer.check_finite(accelerator, output.loss, step, epoch, output_dir, last_saved)
+            trainer.optimizer_step(accelerator, output.loss, optimizer, scheduler)
             step += 1
             # the empirical variance of every pair of the global batch, back in the unflipped frame
             variance = output.losses["empirical_variance"].detach().float()
@@ -452,13 +366,10 @@ def _train(config: DistillConfig, resume: bool = False, max_steps: int | None = 
             # ``objective``: the part of CAL with a gradient. The variance-KL term is a constant for the
             # student (prior and variance carry no gradient) that grows as var shrinks, so ``loss`` can rise
             # while the student learns; ``objective`` is what the optimizer lowers.
-            objective = loss.detach() - model_config.variance_kl_weight * output.losses["variance_kl"].detach()
-            terms = {"loss": loss.detach(), "objective": objective,
+            terms = {"loss": output.loss.detach(), "objective": output.losses["objective"],
                      **{k: output.losses[k].detach() for k in scalar_terms}}
-            values = {k: accelerator.reduce(v.float().reshape(1), reduction="mean").item() for k, v in terms.items()}
-            for key, value in values.items():
-                epoch_losses.setdefault(key, []).append(value)
-            bar.set_postfix(loss=f"{values['loss']:.4f}")
+            values = trainer.reduce_terms(accelerator, terms, epoch_losses)
+            bar.set_postfix(objective=f"{values['objective']:.4f}")
             if in_epoch + 1 == steps_per_epoch:  # end of the epoch: the one PSR prior update
                 seen = psr["variance_count"] > 0
                 mean_variance = psr["variance_sum"] / psr["variance_count"].clamp_min(1).view(-1, 1, 1, 1)
@@ -468,45 +379,31 @@ def _train(config: DistillConfig, resume: bool = False, max_steps: int | None = 
                 psr["last_epoch_count"] = psr["variance_count"].clone()
                 psr["variance_sum"] = torch.zeros_like(psr["variance_sum"])
                 psr["variance_count"] = torch.zeros_like(psr["variance_count"])
-            if step % config.run.log_every_steps == 0 or step == total_steps:
-                record = {"step": step, "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "world_size": world,
-                          "pairs": [int(indices[i]) for i in range(global_batch)], "flips": [bool(f) for f in flips],
-                          **{f"train/{k}": v for k, v in values.items()}}
-                accelerator.log({k: v for k, v in record.items() if k not in ("step", "pairs", "flips")}, step=step)
-                log(record)
-            if config.run.save_every_steps and step % config.run.save_every_steps == 0 and step < total_steps:
-                save_checkpoint(step)
+            if trainer.log_due(step, config.run, total_steps):
+                trainer.log_step(accelerator, metrics_file, {
+                    "step": step, "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "world_size": world,
+                    "pairs": [int(indices[i]) for i in range(global_batch)], "flips": [bool(f) for f in flips],
+                    **{f"train/{k}": v for k, v in values.items()}}, hidden=("pairs", "flips"))
+            if trainer.save_due(step, config.run, total_steps):
+                trainer.save_checkpoint(accelerator, output_dir, step, steps_per_epoch, global_batch,
+                                config.run.keep_checkpoints, write_extra=write_psr)
                 last_saved = step
         bar.close()
-        if epoch_losses:
-            summary = {"epoch": epoch + 1, "step": step,
-                       "psr_prior_mean": float(psr["psr_prior"].mean()),
-                       **{f"epoch/{k}": float(np.mean(v)) for k, v in epoch_losses.items()}}
-            log(summary)
-            accelerator.print(f"[distill_student] epoch {epoch + 1}: step {step}/{total_steps}, "
-                              f"loss {summary.get('epoch/loss', float('nan')):.4f}")
+        summary = {"epoch": epoch + 1, "step": step, "psr_prior_mean": float(psr["psr_prior"].mean()),
+                   **trainer.epoch_means(epoch_losses, "epoch/")}
+        trainer.log_epoch(accelerator, metrics_file, summary, total_steps, "distill_student")
 
     if last_saved != step:
-        save_checkpoint(step)
+        trainer.save_checkpoint(accelerator, output_dir, step, steps_per_epoch, global_batch,
+                        config.run.keep_checkpoints, write_extra=write_psr)
     metrics = {
-        "steps": step, "epochs_completed": round(step / steps_per_epoch, 3), "world_size": world,
-        "global_batch_size": global_batch, "num_pairs": num_pairs, "train_seconds": round(time.time() - start_time, 1),
+        **trainer.run_metrics(step, steps_per_epoch, world, global_batch),
+        "num_pairs": num_pairs, "train_seconds": round(time.time() - start_time, 1),
         "psr_prior_mean": float(psr["psr_prior"].mean()),
-        **{f"train_{k}": float(np.mean(v)) for k, v in epoch_losses.items()},
+        **trainer.epoch_means(epoch_losses, "train_"),
     }
-    if accelerator.is_main_process:
-        final = output_dir / "final"
-        staging = output_dir / ".tmp-final"
-        shutil.rmtree(staging, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(staging)
-        image_processor_for(unwrapped.config).save_pretrained(staging)
-        save_psr_state(staging / PSR_FILE, psr)
-        (staging / "README.md").write_text(model_card(config, metrics, unwrapped.config, recorded))
-        (staging / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
-        _replace_dir(staging, final)
-        accelerator.print(f"[distill_student] wrote {final}")
-    accelerator.wait_for_everyone()
+    card = model_card(config, metrics, model_config, recorded)
+    trainer.write_final(accelerator, model, output_dir, card, metrics, "distill_student", write_extra=write_psr)
     accelerator.end_training()
     return metrics
 
@@ -546,15 +443,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = {key: getattr(args, name) for name, key in FLAG_OVERRIDES.items() if getattr(args, name) is not None}
-    try:
-        config = load_distill_config(args.config, overrides)
-        if args.max_steps is not None and args.max_steps < 1:
-            raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
-        train(config, resume=args.resume, max_steps=args.max_steps)
-    except (ValueError, TrainingError) as error:
-        print(f"distill_student: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ValueError) else 1
-    return 0
+    return trainer.run_command("distill_student", lambda: load_distill_config(args.config, overrides), train, args)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ import torch
 
 from semcorr.modeling.file_utils import file_sha256
 
-from semcorr.training.train_teacher import _seed
+from semcorr.training.trainer import _seed
 
 BENCHMARKS = ("pf-pascal", "pf-willow", "spair-71k")
 SHARD_PREFIX = "shard-"

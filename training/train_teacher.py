@@ -17,18 +17,21 @@ permutation seeded by ``(seed, e)``), draws its warps from a generator seeded by
 whole global batch of pairs and trains on its slice, so the data do not depend on the number of
 processes, and a run resumed from a checkpoint equals the uninterrupted one.
 
+Strong supervision (``--keypoint-dataset`` / ``data.keypoint_dataset``): every step also takes a
+global batch of labelled pairs (a benchmark split or a ``save_to_disk`` folder of keypoint pairs; rows
+from seeded permutations, see :func:`~semcorr.training.keypoint_supervision.keypoint_rows`) and adds
+the teacher's sparse keypoint-flow loss (weight ``model.keypoint_weight``), logged as ``train/keypoints``.
+
 Outputs under ``output_dir``: ``checkpoints/step-N`` (``accelerator.save_state`` + ``trainer_state.json``),
-``final/`` (``save_pretrained`` + image processor + model card ``README.md``), ``metrics.jsonl``
-(one record per logged step and per epoch), tracker logs. Directories are written under a
-temporary name and renamed into place.
+``final/`` (``save_pretrained`` + image processor + model card ``README.md`` + ``training_metrics.json``),
+``metrics.jsonl`` (one record per logged step and per epoch), tracker logs. Directories are written
+under a temporary name and renamed into place. The step loop, checkpoints and outputs are the pieces
+of :mod:`semcorr.training.trainer`, shared with :mod:`semcorr.training.distill_student`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,19 +40,29 @@ import numpy as np
 import torch
 from PIL import Image
 
+from semcorr.training import trainer
 from semcorr.training.config import TrainConfig, load_config, resolve_image_source
+from semcorr.training.keypoint_supervision import keypoint_batch, keypoint_rows, load_keypoint_pairs
+from semcorr.training.trainer import (  # re-exported: importers of this module use these names from here
+    CHECKPOINT_PREFIX,
+    STATE_FILE,
+    NonFiniteLossError,
+    TrainingError,
+    _seed,
+    append_metrics,
+    checkpoint_steps,
+    epoch_order,
+    restore_latest_checkpoint,
+    save_training_checkpoint,
+)
 
-CHECKPOINT_PREFIX = "step-"
-STATE_FILE = "trainer_state.json"
+__all__ = [  # this module's own API and the names it re-exports from semcorr.training.trainer
+    "CHECKPOINT_PREFIX", "MAX_UNREADABLE_FRACTION", "STATE_FILE", "ImageSource", "NonFiniteLossError", "TrainingError",
+    "UnreadableImagesError", "append_metrics", "build_model", "checkpoint_steps", "epoch_order", "main", "model_card",
+    "parse_args", "restore_latest_checkpoint", "save_training_checkpoint", "train",
+]
+
 MAX_UNREADABLE_FRACTION = 0.01
-
-
-class TrainingError(RuntimeError):
-    """A run stopped on purpose (non-finite loss, too many unreadable images); the message says why."""
-
-
-class NonFiniteLossError(TrainingError):
-    pass
 
 
 class UnreadableImagesError(TrainingError):
@@ -96,100 +109,12 @@ def _load_dataset(name: str, split: str):
     return datasets.load_dataset(str(path) if path.is_dir() else name, split=split)
 
 
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across runs and processes)."""
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value * 6364136223846793005 + int(part) + 1442695040888963407) % (1 << 63)
-    return value
-
-
-def epoch_order(num_images: int, repeats: int, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(_seed(seed, epoch))
-    return [i for _ in range(repeats) for i in torch.randperm(num_images, generator=generator).tolist()]
-
-
-# -- checkpoints -----------------------------------------------------------------------------------
-def checkpoint_steps(output_dir: Path) -> list[int]:
-    root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    steps = []
-    for entry in root.iterdir():
-        if entry.name.startswith(CHECKPOINT_PREFIX) and (entry / STATE_FILE).is_file():
-            try:
-                steps.append(int(entry.name[len(CHECKPOINT_PREFIX):]))
-            except ValueError:
-                pass
-    return sorted(steps)
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Atomically move ``staging`` to ``target`` (an existing ``target`` is moved aside first)."""
-    if target.exists():
-        old = target.with_name(f".old-{target.name}-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
-
-
-def append_metrics(accelerator, metrics_file: Path, record: dict) -> None:
-    """Append one JSON line to ``metrics.jsonl`` (main process only)."""
-    if accelerator.is_main_process:
-        with open(metrics_file, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-def restore_latest_checkpoint(accelerator, output_dir: Path, script: str) -> tuple[int, Path | None]:
-    """``--resume``: load the newest ``checkpoints/step-N`` into ``accelerator``; ``(step, dir)``."""
-    done = checkpoint_steps(output_dir)
-    if not done:
-        accelerator.print(f"[{script}] --resume: no checkpoint in {output_dir / 'checkpoints'}; starting at step 0")
-        return 0, None
-    checkpoint = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{done[-1]}"
-    accelerator.load_state(str(checkpoint))
-    return json.loads((checkpoint / STATE_FILE).read_text())["step"], checkpoint
-
-
-def save_training_checkpoint(accelerator, output_dir: Path, at_step: int, state: dict, keep: int, write_extra=None) -> None:
-    """``save_state`` into a staging folder, add ``trainer_state.json`` (and ``write_extra(staging)``),
-    rename it to ``checkpoints/step-N`` and prune to the ``keep`` newest (0 keeps all).
-
-    Model and optimizer are written by the main process, RNG files by every process; the folder
-    appears whole or not at all.
-    """
-    root = output_dir / "checkpoints"
-    staging = root / f".tmp-{CHECKPOINT_PREFIX}{at_step}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if write_extra is not None:
-            write_extra(staging)
-        (staging / STATE_FILE).write_text(json.dumps({"step": at_step, **state}))
-        _replace_dir(staging, root / f"{CHECKPOINT_PREFIX}{at_step}")
-        if keep:
-            for old in checkpoint_steps(output_dir)[:-keep]:
-                shutil.rmtree(root / f"{CHECKPOINT_PREFIX}{old}", ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
 def model_card(config: TrainConfig, metrics: dict, model_config) -> str:
     data = config.data.images or f"{config.data.dataset} (split {config.data.dataset_split})"
-    lines = [
-        "---", "library_name: transformers", "tags:", "- semcorr", "- semantic-correspondence", "- pmd",
-        "---", "",
-        "# PMD teacher (semcorr)", "",
-        "Probabilistic teacher of PMD (Li et al., *Probabilistic Model Distillation for Semantic "
-        "Correspondence*, CVPR 2021), trained with `semcorr.training.train_teacher` on synthetic pairs "
-        "(random affine / homography / TPS warps, flips and colour jitter of unlabelled images).", "",
-        "```python", "import semcorr.modeling  # registers the model types",
-        "from transformers import AutoModel", "model = AutoModel.from_pretrained('<this folder>')", "```", "",
+    summary = ("Probabilistic teacher of PMD (Li et al., *Probabilistic Model Distillation for Semantic "
+               "Correspondence*, CVPR 2021), trained with `semcorr.training.train_teacher` on synthetic pairs "
+               "(random affine / homography / TPS warps, flips and colour jitter of unlabelled images).")
+    body = [
         "## Data", "", f"- images: `{data}` ({metrics.get('num_images')} images, image size {model_config.image_size})",
         f"- warps: {', '.join(config.data.warp_kinds)}; flip probability {config.data.flip_prob}; "
         f"colour jitter {config.data.color_jitter}", "",
@@ -199,13 +124,8 @@ def model_card(config: TrainConfig, metrics: dict, model_config) -> str:
         f"- Adam lr {config.optim.lr}, global batch {config.optim.batch_size}, "
         f"{metrics.get('steps')} steps ({metrics.get('epochs_completed')} epochs), lr x{config.optim.lr_gamma} "
         f"at epochs {config.optim.lr_milestones}, seed {config.optim.seed}, {metrics.get('world_size')} process(es)", "",
-        "## Metrics (training, last epoch mean)", "",
-        "| metric | value |", "|---|---|",
     ]
-    for key, value in sorted(metrics.items()):
-        lines.append(f"| {key} | {value:.6g} |" if isinstance(value, float) else f"| {key} | {value} |")
-    lines += ["", "## Config", "", "```json", json.dumps(config.to_dict(), indent=2, default=str), "```", ""]
-    return "\n".join(lines)
+    return "\n".join(trainer.card_head("PMD teacher (semcorr)", summary) + body + trainer.card_tail(metrics, config))
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -221,38 +141,10 @@ def build_model(model_fields: dict, seed: int):
     return model
 
 
-def _trackers(names: list[str]) -> list[str]:
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-
-    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
-    chosen = []
-    for name in names:
-        check = available.get(name)
-        if check is not None and not check():
-            print(f"[train_teacher] tracker '{name}' is not installed; skipped (metrics.jsonl is written anyway)",
-                  file=sys.stderr)
-            continue
-        chosen.append(name)
-    return chosen
-
-
-def _flat_hparams(config: TrainConfig) -> dict:
-    flat = {}
-    for section, values in config.to_dict().items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
-
-
 def train(config: TrainConfig, resume: bool = False, max_steps: int | None = None) -> dict:
     """Run (or resume) a teacher training; see :func:`_train`. ``run.num_threads`` holds only for the run."""
-    threads = torch.get_num_threads()
-    try:
-        if config.run.num_threads:
-            torch.set_num_threads(config.run.num_threads)
+    with trainer.torch_threads(config.run.num_threads):
         return _train(config, resume, max_steps)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(config: TrainConfig, resume: bool = False, max_steps: int | None = None) -> dict:
@@ -262,86 +154,54 @@ def _train(config: TrainConfig, resume: bool = False, max_steps: int | None = No
         NonFiniteLossError: the loss of a step was NaN / inf (the step is named; nothing is saved for it).
         UnreadableImagesError: more than 1 % of the images of an epoch could not be read.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-    from tqdm.auto import tqdm
-
     from semcorr.hub_datasets.synthetic import ColorJitter, SyntheticPairGenerator
     from semcorr.modeling import image_processor_for
 
     output_dir = Path(config.run.output_dir)
     images = ImageSource(config.data, config.model.get("image_size") or [320, 320])
-    cpu = config.run.cpu
-    if cpu is None:
-        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
-    trackers = _trackers(list(config.run.log_with)) if config.run.log_with else []
-    accelerator = Accelerator(
-        cpu=cpu, log_with=trackers or None, step_scheduler_with_optimizer=False,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
+    accelerator = trainer.make_accelerator(config.run, output_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = config.optim.batch_size
-    if global_batch % world:
-        raise ValueError(f"optim.batch_size {global_batch} is not divisible by the {world} processes")
-    per_process = global_batch // world
-    if per_process < 2:
-        raise ValueError(
-            f"optim.batch_size {global_batch} over {world} process(es) gives {per_process} pair per process; the "
-            "batch norm of the co-channel attention needs at least 2 per process"
-        )
+    per_process = trainer.per_process_batch(global_batch, world)
     positions_per_epoch = len(images) * config.data.repeats
     if positions_per_epoch < global_batch:
         raise ValueError(
             f"optim.batch_size {global_batch} exceeds the {len(images)} images x {config.data.repeats} repeats of an epoch"
         )
     steps_per_epoch = positions_per_epoch // global_batch  # drop_last: every step sees a full batch
-    total_steps = steps_per_epoch * config.optim.epochs
-    for limit in (config.optim.max_steps, max_steps):
-        if limit is not None:
-            total_steps = min(total_steps, limit)
+    total_steps = trainer.count_steps(steps_per_epoch, config.optim.epochs, config.optim.max_steps, max_steps)
 
     model = build_model(config.model, config.optim.seed)
     model_config = model.config
     mean = torch.tensor(model_config.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(model_config.image_std).view(1, 3, 1, 1)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    milestones = [m * steps_per_epoch for m in config.optim.lr_milestones]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.optim.lr_gamma)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    labelled = None
+    if config.data.keypoint_dataset is not None:
+        with accelerator.main_process_first():  # one process prepares a benchmark's Arrow cache
+            labelled = load_keypoint_pairs(config.data.keypoint_dataset, config.data.keypoint_data_dir,
+                                           config.data.keypoint_split)
+        if len(labelled) < global_batch:
+            raise ValueError(f"data.keypoint_dataset has {len(labelled)} pairs, fewer than optim.batch_size {global_batch}")
+        processor = image_processor_for(model_config)
+    model, optimizer, scheduler = trainer.prepare_optimizer(accelerator, model, config.optim, steps_per_epoch)
 
     step = 0
     if resume:
-        step, checkpoint = restore_latest_checkpoint(accelerator, output_dir, "train_teacher")
+        step, checkpoint = trainer.restore_latest_checkpoint(accelerator, output_dir, "train_teacher")
         if checkpoint is not None:
             accelerator.print(f"[train_teacher] resumed from {checkpoint} at step {step}")
-
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.init_trackers("pmd-teacher", config=_flat_hparams(config))
-    metrics_file = output_dir / "metrics.jsonl"
-
-    def log(record: dict):
-        append_metrics(accelerator, metrics_file, record)
-
-    def save_checkpoint(at_step: int):
-        state = {"epoch": at_step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                 "world_size": world, "global_batch_size": global_batch}
-        save_training_checkpoint(accelerator, output_dir, at_step, state, config.run.keep_checkpoints)
+    metrics_file = trainer.start_logging(accelerator, output_dir, "pmd-teacher", config)
 
     jitter = ColorJitter() if config.data.color_jitter else None
     epoch_losses: dict[str, list[float]] = {}
     last_saved = step if resume and step else None
     model.train()
     start_time = time.time()
-    while step < total_steps:
-        epoch, first = divmod(step, steps_per_epoch)
-        order = epoch_order(len(images), config.data.repeats, config.optim.seed, epoch)
+    for epoch, steps in trainer.epoch_ranges(step, steps_per_epoch, total_steps):
+        order = trainer.epoch_order(len(images), config.data.repeats, config.optim.seed, epoch)
         attempted, unreadable, skipped_names = 0, 0, []
         epoch_losses = {}
-        last = min(steps_per_epoch, first + total_steps - step)
-        bar = tqdm(range(first, last), desc=f"epoch {epoch + 1}/{config.optim.epochs}",
-                   disable=not accelerator.is_local_main_process, leave=False)
+        bar = trainer.progress_bar(accelerator, steps, epoch, config.optim.epochs)
         for in_epoch in bar:
             # -- the global batch (identical on every process), then this process's slice
             batch_images = []
@@ -372,70 +232,48 @@ def _train(config: TrainConfig, resume: bool = False, max_steps: int | None = No
             }
             torch.manual_seed(_seed(config.optim.seed, epoch, in_epoch, rank, 1))  # gate noise
             output = model(**inputs)
-            loss = output.loss
-            finite = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=device)
-            if accelerator.reduce(finite, reduction="sum").item() < world:
-                accelerator.end_training()
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step + 1} (epoch {epoch + 1}, loss {loss.item()}); stopped without "
-                    f"saving it; last good checkpoint: "
-                    f"{output_dir / 'checkpoints' / f'{CHECKPOINT_PREFIX}{last_saved}' if last_saved else 'none'}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
+            loss, losses = output.loss, dict(output.losses or {})
+            if labelled is not None:  # strong supervision: a batch of labelled pairs in the same step
+                rows = keypoint_rows(len(labelled), global_batch, config.optim.seed, epoch * steps_per_epoch + in_epoch)
+                batch = keypoint_batch(labelled, rows[piece], processor)
+                labelled_output = model(**{k: v.to(device) for k, v in batch.items()})
+                loss = loss + labelled_output.loss
+                losses["keypoints"] = labelled_output.losses["keypoints"]
+            trainer.check_finite(accelerator, loss, step, epoch, output_dir, last_saved)
+            trainer.optimizer_step(accelerator, loss, optimizer, scheduler)
             step += 1
-            terms = {"loss": loss.detach(), **{k: v.detach() for k, v in (output.losses or {}).items()}}
-            values = {k: accelerator.reduce(v.float().reshape(1), reduction="mean").item() for k, v in terms.items()}
-            for key, value in values.items():
-                epoch_losses.setdefault(key, []).append(value)
+            terms = {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+            values = trainer.reduce_terms(accelerator, terms, epoch_losses)
             bar.set_postfix(loss=f"{values['loss']:.4f}")
-            if step % config.run.log_every_steps == 0 or step == total_steps:
-                record = {"step": step, "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "world_size": world,
-                          "per_process_batch_size": per_process,
-                          "data_fingerprint": fingerprint, **{f"train/{k}": v for k, v in values.items()}}
-                accelerator.log({k: v for k, v in record.items() if k not in ("step",)}, step=step)
-                log(record)
-            if config.run.save_every_steps and step % config.run.save_every_steps == 0 and step < total_steps:
-                save_checkpoint(step)
+            if trainer.log_due(step, config.run, total_steps):
+                trainer.log_step(accelerator, metrics_file, {
+                    "step": step, "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "world_size": world,
+                    "per_process_batch_size": per_process, "data_fingerprint": fingerprint,
+                    **{f"train/{k}": v for k, v in values.items()}})
+            if trainer.save_due(step, config.run, total_steps):
+                trainer.save_checkpoint(accelerator, output_dir, step, steps_per_epoch, global_batch, config.run.keep_checkpoints)
                 last_saved = step
         bar.close()
-        if in_epoch + 1 == steps_per_epoch or step == total_steps:
-            fraction = unreadable / max(1, attempted)
-            summary = {"epoch": epoch + 1, "step": step, "images_attempted": attempted, "images_unreadable": unreadable,
-                       **{f"epoch/{k}": float(np.mean(v)) for k, v in epoch_losses.items()}}
-            log(summary)
-            accelerator.print(
-                f"[train_teacher] epoch {epoch + 1}: step {step}/{total_steps}, loss {summary.get('epoch/loss', float('nan')):.4f}, "
-                f"{unreadable} of {attempted} images unreadable" + (f" ({', '.join(skipped_names[:5])})" if unreadable else "")
+        fraction = unreadable / max(1, attempted)
+        summary = {"epoch": epoch + 1, "step": step, "images_attempted": attempted, "images_unreadable": unreadable,
+                   **trainer.epoch_means(epoch_losses, "epoch/")}
+        trainer.log_epoch(accelerator, metrics_file, summary, total_steps, "train_teacher",
+                  f", {unreadable} of {attempted} images unreadable" + (f" ({', '.join(skipped_names[:5])})" if unreadable else ""))
+        if fraction > MAX_UNREADABLE_FRACTION:
+            accelerator.end_training()
+            raise UnreadableImagesError(
+                f"{unreadable} of {attempted} images ({fraction:.1%}) in epoch {epoch + 1} could not be read "
+                f"(more than {MAX_UNREADABLE_FRACTION:.0%}), e.g. {', '.join(skipped_names[:5])}; fix or remove them"
             )
-            if fraction > MAX_UNREADABLE_FRACTION:
-                accelerator.end_training()
-                raise UnreadableImagesError(
-                    f"{unreadable} of {attempted} images ({fraction:.1%}) in epoch {epoch + 1} could not be read "
-                    f"(more than {MAX_UNREADABLE_FRACTION:.0%}), e.g. {', '.join(skipped_names[:5])}; fix or remove them"
-                )
 
     if last_saved != step:
-        save_checkpoint(step)
+        trainer.save_checkpoint(accelerator, output_dir, step, steps_per_epoch, global_batch, config.run.keep_checkpoints)
     metrics = {
-        "steps": step, "epochs_completed": round(step / steps_per_epoch, 3), "world_size": world,
-        "global_batch_size": global_batch, "num_images": len(images), "train_seconds": round(time.time() - start_time, 1),
-        **{f"train_{k}": float(np.mean(v)) for k, v in epoch_losses.items()},
+        **trainer.run_metrics(step, steps_per_epoch, world, global_batch),
+        "num_images": len(images), "train_seconds": round(time.time() - start_time, 1),
+        **trainer.epoch_means(epoch_losses, "train_"),
     }
-    if accelerator.is_main_process:
-        final = output_dir / "final"
-        staging = output_dir / ".tmp-final"
-        shutil.rmtree(staging, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(staging)
-        image_processor_for(unwrapped.config).save_pretrained(staging)
-        (staging / "README.md").write_text(model_card(config, metrics, unwrapped.config))
-        (staging / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
-        _replace_dir(staging, final)
-        accelerator.print(f"[train_teacher] wrote {final}")
-    accelerator.wait_for_everyone()
+    trainer.write_final(accelerator, model, output_dir, model_card(config, metrics, model_config), metrics, "train_teacher")
     accelerator.end_training()
     return metrics
 
@@ -444,6 +282,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m semcorr.training.train_teacher", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (sections model, data, optim, run)")
     parser.add_argument("--output-dir", help="overrides run.output_dir")
+    parser.add_argument("--keypoint-dataset", help="adds sparse keypoint supervision (strongly supervised PMD): "
+                        "pf-pascal | pf-willow | spair-71k | a save_to_disk folder of keypoint pairs")
+    parser.add_argument("--keypoint-data-dir", help="the extracted benchmark folder of --keypoint-dataset")
+    parser.add_argument("--keypoint-split", help="split of --keypoint-dataset (default trn)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
     return parser.parse_args(argv)
@@ -453,16 +295,10 @@ def main(argv=None) -> int:
     from semcorr.modeling import PMDTeacherConfig
 
     args = parse_args(argv)
-    overrides = {"run.output_dir": args.output_dir} if args.output_dir else {}
-    try:
-        config = load_config(args.config, PMDTeacherConfig, overrides)
-        if args.max_steps is not None and args.max_steps < 1:
-            raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
-        train(config, resume=args.resume, max_steps=args.max_steps)
-    except (ValueError, TrainingError) as error:
-        print(f"train_teacher: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ValueError) else 1
-    return 0
+    flags = {"run.output_dir": args.output_dir, "data.keypoint_dataset": args.keypoint_dataset,
+             "data.keypoint_data_dir": args.keypoint_data_dir, "data.keypoint_split": args.keypoint_split}
+    overrides = {key: value for key, value in flags.items() if value is not None}
+    return trainer.run_command("train_teacher", lambda: load_config(args.config, PMDTeacherConfig, overrides), train, args)
 
 
 if __name__ == "__main__":
