@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench_utils import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 SIZES = (320, 512)
 BATCHES = (1, 8)
@@ -52,33 +53,6 @@ def skimage_pair():
     data = Path(skimage.__file__).parent / "data"
     return (Image.open(data / "motorcycle_left.png").convert("RGB"),
             Image.open(data / "motorcycle_right.png").convert("RGB"))
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """High-water mark of the resident set (``VmHWM``; falls back to ``ru_maxrss``)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the resident high-water mark to the current RSS (Linux); False when not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def load(size: int, device: str = "cpu"):

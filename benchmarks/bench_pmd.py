@@ -40,7 +40,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench_utils import median_time, peak_rss_bytes, reset_peak_rss, rss_bytes
 
 NUM_HYPOTHESES = 4
 CASES = ("embedded", "resnet101")
@@ -105,17 +106,6 @@ def skimage_pair(size: int, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
     return tensors[0], tensors[1]
 
 
-def median_time(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def training_step_fn(model, kind: str, source: torch.Tensor, batch_size: int, seed: int = 0):
     """A closure running one training step (forward, backward, Adam step) on synthetic supervision."""
     from semcorr.hub_datasets.synthetic import affine_grid_trg_to_src, random_affine, warp_images
@@ -149,31 +139,6 @@ def training_step_fn(model, kind: str, source: torch.Tensor, batch_size: int, se
 
 
 # --------------------------------------------------------------------------------------- memory
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """High-water mark of the resident set (``VmHWM``; falls back to ``ru_maxrss``)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the resident high-water mark to the current RSS (Linux); False when not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def child_memory(kind: str, case: str, mode: str, size: int, batch_size: int) -> dict:
@@ -386,7 +351,7 @@ def main(argv=None) -> None:
         print(f"| {row['direction']} | {row['cells']} | {row['max']:.2e} | {row['above']} | {row['ties']} | "
               f"{row['max_clear']:.2e} |")
     ratio = result["semcorr"] / result["official"]
-    print(f"\n| implementation | ms per pair | vs official |")
+    print("\n| implementation | ms per pair | vs official |")
     print("|---|---:|---:|")
     print(f"| official `PMDNet(src, tgt, train=False)` | {ms(result['official'])} | 1.00x |")
     print(f"| official backbone alone (two images) | {ms(result['backbone'])} | "

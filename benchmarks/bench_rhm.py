@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 
 from semcorr.modeling import dense_cosine_correlation, gaussian_kernel2d, regularized_hough_matching
 from semcorr.modeling.rhm import _axis_bins, hough_space_shape
+from bench_utils import median_time
 
 _PACKAGE = "_hpf_reference_model"
 
@@ -86,16 +85,6 @@ def smooth_features(channels: int, rows: int, cols: int, shift=(3, 5), noise: fl
     source = field[:, :rows, :cols]
     target = field[:, dy : dy + rows, dx : dx + cols] + noise * torch.randn(channels, rows, cols, generator=generator)
     return source.contiguous(), target.contiguous()
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None) -> None:

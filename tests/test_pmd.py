@@ -223,3 +223,28 @@ def test_corner_aligned_transfer_reads_the_field_like_the_official_eval(pair):
             y = min(max(int(round(float(keypoints[b, n, 1]) - 0.5)), 0), 63)
             expected = (dense[b, :, y, x] + 1) * 63 / 2 + 0.5
             torch.testing.assert_close(output.target_keypoints[b, n], expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kernel, bias", [(5, True), (3, False), (1, True)])
+def test_conv2d_as_matmul_equals_conv2d(kernel, bias):
+    from semcorr.modeling.pmd_layers import conv2d_as_matmul
+
+    generator = torch.Generator().manual_seed(kernel)
+    features = torch.randn(2, 6, 7, 9, generator=generator)
+    weight = torch.randn(4, 6, kernel, kernel, generator=generator)
+    offset = torch.randn(4, generator=generator) if bias else None
+    expected = F.conv2d(features, weight, offset, padding=kernel // 2)
+    torch.testing.assert_close(conv2d_as_matmul(features, weight, offset, kernel // 2), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_adaptation_path_matches_training_convolution():
+    from semcorr.modeling.pmd_layers import AdaptationBlock
+
+    torch.manual_seed(0)
+    block = AdaptationBlock(8, 5).eval()
+    features = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        fast = block(features)
+        reference = features + block.conv1(features)
+        reference = reference + block.conv2(reference)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
