@@ -227,3 +227,37 @@ def test_torchrun_one_and_two_processes_bitwise_equal(teacher_dir, pascal_dir, c
     torchrun(2, args_for(teacher_dir, pascal_dir, cache_dir, tmp_path / "two", "--batch-size", 1), 29533)
     for (a_st, a_ts), (b_st, b_ts) in zip(tensors_of(tmp_path / "one"), tensors_of(tmp_path / "two"), strict=True):
         assert torch.equal(a_st, b_st) and torch.equal(a_ts, b_ts)
+
+
+def test_yaml_config_gives_the_same_shards_and_flags_win(first_run, teacher_dir, pascal_dir, cache_dir, tmp_path,
+                                                         datasets_offline):
+    import yaml
+
+    options = dict(teacher=str(teacher_dir), pairs="pf-pascal", data_dir=str(pascal_dir), split="trn",
+                   output_dir=str(tmp_path / "ignored"), num_hypotheses=N, shard_size=3, seed=7,
+                   cache_dir=str(cache_dir), num_threads=1)
+    config = tmp_path / "hyps.yaml"
+    config.write_text(yaml.safe_dump(options))
+    out = tmp_path / "from-yaml"
+    assert gh.main(["--config", str(config), "--output-dir", str(out)]) == 0  # the flag wins over the file
+    assert not (tmp_path / "ignored").exists()
+    for (a_st, a_ts), (b_st, b_ts) in zip(tensors_of(first_run), tensors_of(out)):
+        assert torch.equal(a_st, b_st) and torch.equal(a_ts, b_ts)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("num_hypothesis: 4\n", "unknown option 'num_hypothesis'; valid options:"),
+    ("num_hypotheses: 2.5\n", "option 'num_hypotheses' must be int"),
+    ("seed: 1\n", "--teacher is required"),
+])
+def test_bad_yaml_config_exits_2(content, message, tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(content)
+    assert gh.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+
+
+def test_published_hypotheses_config_parses():
+    args = gh.parse_args(["--config", "pmd_pf_pascal_hypotheses.yaml"])
+    assert (args.pairs, args.split, args.num_hypotheses) == ("pf-pascal", "trn", 4)

@@ -5,6 +5,7 @@ Usage::
     python -m semcorr.training.generate_hypotheses --teacher runs/pmd-teacher-cpu-tiny/final \\
         --pairs pf-pascal --data-dir data/PF-PASCAL [--split trn] --output-dir hyps \\
         [--num-hypotheses 4] [--shard-size 64] [--batch-size 8] [--seed 0]
+    python -m semcorr.training.generate_hypotheses --config pmd_pf_pascal_hypotheses.yaml   # the same as YAML
     torchrun --nproc_per_node 2 -m semcorr.training.generate_hypotheses ...      # 2 CPU processes
     accelerate launch [--multi_gpu --num_processes N] -m semcorr.training.generate_hypotheses ...
 
@@ -376,27 +377,55 @@ def load_hypotheses(output_dir, verify: bool = True) -> HypothesisStore:
 
 # -- CLI -------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
+    """Flags, over the values of ``--config`` (a YAML mapping of the same option names, ``_`` or ``-``)."""
     parser = argparse.ArgumentParser(prog="python -m semcorr.training.generate_hypotheses",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--teacher", required=True, help="a trained PMD teacher (save_pretrained directory)")
-    parser.add_argument("--pairs", required=True,
-                        help=f"{' | '.join(BENCHMARKS)} | path to a datasets directory with two Image columns")
+    parser.add_argument("--config", help="YAML file of these options (e.g. teacher: ..., num_hypotheses: 4); flags win")
+    parser.add_argument("--teacher", help="a trained PMD teacher (save_pretrained directory); required")
+    parser.add_argument("--pairs", help=f"{' | '.join(BENCHMARKS)} | path to a datasets directory with two Image columns; required")
     parser.add_argument("--data-dir", help="the extracted benchmark folder (benchmark --pairs)")
     parser.add_argument("--split", help="split (default: trn; test for pf-willow; train for a dataset directory)")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--output-dir", help="where the shards and index.json go; required")
     parser.add_argument("--num-hypotheses", type=int, default=4)
     parser.add_argument("--shard-size", type=int, default=64, help="pairs per shard")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs read and preprocessed at once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", help="datasets cache for the prepared benchmark (default: the HF cache)")
     parser.add_argument("--num-threads", type=int, help="torch.set_num_threads per process")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        apply_config_file(parser, args, argv)
+    for name in ("teacher", "pairs", "output_dir"):
+        if getattr(args, name) is None:
+            raise ValueError(f"--{name.replace('_', '-')} is required (a flag or a key of --config)")
+    return args
+
+
+def apply_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> None:
+    """Set the options of ``args.config`` that no flag gave; unknown keys and wrong types raise ValueError."""
+    from semcorr.training.config import read_config_file
+
+    raw, path = read_config_file(args.config)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of option names, got {type(raw).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    given = {a.dest for a in parser._actions for flag in a.option_strings
+             for arg in (argv if argv is not None else sys.argv[1:]) if arg == flag or arg.startswith(flag + "=")}
+    for key, value in raw.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            raise ValueError(f"{path}: unknown option {key!r}; valid options: {', '.join(sorted(actions))}")
+        wanted = actions[dest].type or str
+        if value is not None and not (isinstance(value, wanted) and not isinstance(value, bool)):
+            raise ValueError(f"{path}: option {key!r} must be {wanted.__name__}, got {value!r}")
+        if dest not in given:
+            setattr(args, dest, value)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     threads = torch.get_num_threads()  # generate() may change it; callers in the same process keep theirs
     try:
+        args = parse_args(argv)
         validate_args(args)
         generate(args)
     except ValueError as error:
