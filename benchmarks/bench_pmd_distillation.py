@@ -24,13 +24,19 @@ def main() -> None:
     parser.add_argument("--output-dir", default="runs/pmd-ablation")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (default 0 1 2)")
     parser.add_argument("--num-threads", type=int, default=1)
+    parser.add_argument("--losses", nargs="+", default=["cal", "l2"], choices=["cal", "l2"])
+    parser.add_argument("--psr-prior-init", type=float,
+                        help="PMDStudentConfig.psr_prior_init (default: the config's, 1); use its own --output-dir")
     args = parser.parse_args()
 
-    runs = [cpu_chain.run_chain(args.output_dir, losses=("cal", "l2"), num_threads=args.num_threads, student_seed=seed)
+    overrides = {"model.psr_prior_init": args.psr_prior_init} if args.psr_prior_init is not None else {}
+    runs = [cpu_chain.run_chain(args.output_dir, losses=tuple(args.losses), num_threads=args.num_threads,
+                                student_seed=seed, student_overrides=overrides)
             for seed in args.seeds]
     keys = [f"pck@{alpha:g}" for alpha in runs[0]["alphas"]]
     print(f"\ntorch {torch.__version__}, {args.num_threads} thread(s); {runs[0]['num_pairs']} held-out stereo windows; "
-          f"student seeds {args.seeds} (median, then min-max)\n")
+          f"student seeds {args.seeds} (median, then min-max); PSR prior init "
+          f"{args.psr_prior_init if args.psr_prior_init is not None else 'as configured'}\n")
     print("| model | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for name in runs[0]["pck"]:

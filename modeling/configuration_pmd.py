@@ -110,6 +110,8 @@ class PMDStudentConfig(PMDConfig):
         distillation_weight, psr_prior_rate, variance_kl_weight: lambda_2, the per-epoch update
             rate of the PSR prior, and the weight of its KL term in CAL (DESIGN: 16, 0.01, 0.01).
         cycle_sharpness, cycle_offset: the cycle-consistency mask ``1 - sigmoid(a (d - b))``.
+        psr_prior_init: the value ``Sigma`` starts from (DESIGN: 1, in grid units, where the PSR
+            weights of sub-cell disagreements stay close to 1; smaller values make PSR selective).
         distillation_loss: ``"cal"`` (PSR weights, cycle mask and the prior's KL, as published) or
             ``"l2"`` (the ablation: every hypothesis weighted alike, no mask, no KL).
     """
@@ -124,8 +126,12 @@ class PMDStudentConfig(PMDConfig):
         cycle_sharpness: float = 50.0,
         cycle_offset: float = 0.08,
         distillation_loss: str = "cal",
+        psr_prior_init: float = 1.0,
         **kwargs,
     ):
+        if not psr_prior_init > 0:
+            raise ValueError(f"psr_prior_init must be positive, got {psr_prior_init!r}")
+        self.psr_prior_init = float(psr_prior_init)
         if distillation_loss not in DISTILLATION_LOSSES:
             raise ValueError(f"distillation_loss must be one of {DISTILLATION_LOSSES}, got {distillation_loss!r}")
         self.distillation_loss = distillation_loss

@@ -279,7 +279,8 @@ class PMDStudentModel(PMDPreTrainedModel):
             hypotheses_src_to_trg: ``(L, B, 2, h_s, w_s)`` teacher grids (in the frame of the
                 images given here: augmentations must already be composed into them).
             hypotheses_trg_to_src: ``(L, B, 2, h_t, w_t)``, for the cycle-consistency mask.
-            psr_prior: ``(B, 2, h_s, w_s)`` the PSR prior ``Sigma`` of these pairs (1 initially).
+            psr_prior: ``(B, 2, h_s, w_s)`` the PSR prior ``Sigma`` of these pairs
+                (``config.psr_prior_init`` initially, and when not given).
 
         Returns:
             :class:`PMDOutput`; ``loss`` is CAL (plain L2 to every hypothesis with
@@ -292,7 +293,7 @@ class PMDStudentModel(PMDPreTrainedModel):
         if hypotheses_src_to_trg is None:
             return output
         hypotheses = hypotheses_src_to_trg.to(grid_st.dtype)
-        prior = psr_prior if psr_prior is not None else torch.ones_like(grid_st)
+        prior = psr_prior if psr_prior is not None else torch.full_like(grid_st, self.config.psr_prior_init)
         plain_l2 = self.config.distillation_loss == "l2"
         with torch.no_grad():
             weights = psr_weights(hypotheses, grid_st.detach(), prior)

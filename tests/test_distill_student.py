@@ -161,3 +161,20 @@ def test_bad_input(setup, tmp_path, capsys):
     assert "index.json" in capsys.readouterr().err
     assert run(setup, tmp_path / "o", "--flip-prob", 2) == 2
     assert run(setup, tmp_path / "o", "--batch-size", 1) == 2
+
+
+def test_psr_prior_starts_from_the_configured_value(setup, tmp_path):
+    """``model.psr_prior_init`` sets Sigma's starting value (one epoch later: init + rate (var - init))."""
+    out = tmp_path / "init"
+    assert ds.main(["--config", str(setup["yaml"]), "--hypotheses", str(setup["hyps"]), "--cache-dir", str(setup["cache"]),
+                    "--output-dir", str(out), "--batch-size", "4", "--seed", "3", "--epochs", "1"]) == 0
+    default = load_file(str(out / "final" / ds.PSR_FILE))
+    config = setup["yaml"].parent / "init.yaml"
+    config.write_text(setup["yaml"].read_text() + "model:\n  psr_prior_init: 0.05\n")
+    small = tmp_path / "small"
+    assert ds.main(["--config", str(config), "--hypotheses", str(setup["hyps"]), "--cache-dir", str(setup["cache"]),
+                    "--output-dir", str(small), "--batch-size", "4", "--seed", "3", "--epochs", "1"]) == 0
+    state = load_file(str(small / "final" / ds.PSR_FILE))
+    rate = 0.01
+    torch.testing.assert_close(state["psr_prior"], 0.05 + rate * (state["last_epoch_variance"] - 0.05), rtol=0, atol=1e-7)
+    torch.testing.assert_close(default["psr_prior"], 1 + rate * (default["last_epoch_variance"] - 1), rtol=0, atol=1e-7)

@@ -131,8 +131,9 @@ def test_plain_l2_ablation_weighs_every_hypothesis_alike(teacher, pair):
         torch.manual_seed(2)
         model = PMDStudentModel(PMDStudentConfig(**TINY, distillation_loss=loss)).eval()
         prior = torch.full((2, 2, 8, 8), 0.05)  # makes PSR weights differ from 1
-        outputs[loss] = model(source, target, hypotheses_src_to_trg=forward, hypotheses_trg_to_src=backward,
-                              psr_prior=prior)
+        with torch.no_grad():
+            outputs[loss] = model(source, target, hypotheses_src_to_trg=forward, hypotheses_trg_to_src=backward,
+                                  psr_prior=prior)
     l2, cal = outputs["l2"], outputs["cal"]
     assert torch.equal(l2.grid_src_to_trg, cal.grid_src_to_trg)  # same network, only the loss differs
     squared = ((forward - l2.grid_src_to_trg[None]) ** 2).sum(dim=2)

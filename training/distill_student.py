@@ -29,8 +29,8 @@ fields reversed), so the supervision stays aligned. The PSR prior is mirrored in
 variance mirrored back, so ``Sigma`` always lives in the unflipped frame. (Only the flip is
 implemented; other photometric / geometric augmentations are not.)
 
-PSR prior ``Sigma``: a tensor ``(num_pairs, 2, h, w)`` initialised to 1 and part of the training
-state. During an epoch the empirical variance ``var`` of ``F_l - F_s`` is accumulated per pair (mean
+PSR prior ``Sigma``: a tensor ``(num_pairs, 2, h, w)`` initialised to ``model.psr_prior_init`` (1, as
+DESIGN says) and part of the training state. During an epoch the empirical variance ``var`` of ``F_l - F_s`` is accumulated per pair (mean
 over the epoch's visits); at the end of the epoch -- once -- ``Sigma <- update_prior(Sigma, var,
 config.psr_prior_rate)`` for the pairs visited in that epoch (with ``drop_last`` a pair may be left
 out; its ``Sigma`` stays). Checkpoints hold ``psr_state.safetensors`` with ``psr_prior``, the running
@@ -235,7 +235,7 @@ def model_card(config: DistillConfig, metrics: dict, model_config, hypotheses_co
         f"image size {model_config.image_size}",
         f"- loss `{model_config.distillation_loss}`: distillation weight {model_config.distillation_weight}, smoothness weight "
         f"{model_config.smoothness_weight}, variance-KL weight {model_config.variance_kl_weight}, "
-        f"PSR prior rate {model_config.psr_prior_rate}",
+        f"PSR prior initial value {model_config.psr_prior_init} and rate {model_config.psr_prior_rate}",
         f"- Adam lr {config.optim.lr}, global batch {config.optim.batch_size}, {metrics.get('steps')} steps "
         f"({metrics.get('epochs_completed')} epochs), lr x{config.optim.lr_gamma} at epochs "
         f"{config.optim.lr_milestones}, seed {config.optim.seed}, {metrics.get('world_size')} process(es)", "",
@@ -295,7 +295,7 @@ def _train(config: DistillConfig, resume: bool = False, max_steps: int | None = 
     model, optimizer, scheduler = trainer.prepare_optimizer(accelerator, model, config.optim, steps_per_epoch)
 
     psr = {
-        "psr_prior": torch.ones(num_pairs, 2, *grid_shape),
+        "psr_prior": torch.full((num_pairs, 2, *grid_shape), model_config.psr_prior_init),
         "variance_sum": torch.zeros(num_pairs, 2, *grid_shape),
         "variance_count": torch.zeros(num_pairs),
         "last_epoch_variance": torch.zeros(num_pairs, 2, *grid_shape),
