@@ -19,13 +19,13 @@ to ``OUTPUT_DIR/results.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-CONFIGS = Path(__file__).parent / "configs"
-TEACHER_CONFIG = CONFIGS / "pmd_cpu_tiny.yaml"
-STUDENT_CONFIG = CONFIGS / "pmd_cpu_tiny_student.yaml"
+from semcorr.training.config import PACKAGED_CONFIGS
+
+TEACHER_CONFIG = PACKAGED_CONFIGS / "pmd_cpu_tiny.yaml"
+STUDENT_CONFIG = PACKAGED_CONFIGS / "pmd_cpu_tiny_student.yaml"
 ALPHAS = (0.05, 0.1)
 #: PF-WILLOW's threshold: alpha times the longer side of the keypoint extent in the judged image.
 PCK_SETTINGS = {"threshold": "bbox", "average": "pair", "comparison": "<="}
@@ -44,13 +44,14 @@ def run_chain(output_dir, losses=("cal",), num_hypotheses: int = 4, num_threads:
     """
     from semcorr.hub_datasets.skimage_pairs import main as write_pairs
     from semcorr.modeling import PMDTeacherConfig
+    from semcorr.pipelines.evaluation import write_json_atomically
     from semcorr.training import distill_student, generate_hypotheses, train_teacher
     from semcorr.training.config import load_config
 
     output_dir = Path(output_dir)
     data = output_dir / "data"
-    if not (data / "stereo-test").is_dir():
-        write_pairs(["--output-dir", str(data)])
+    if not (data / "stereo-test").is_dir() and write_pairs(["--output-dir", str(data)]):
+        raise RuntimeError("writing the scikit-image pairs failed; see the message above")
     common = {"run.log_with": [], **({"run.num_threads": num_threads} if num_threads else {})}
 
     teacher = output_dir / "teacher"
@@ -81,7 +82,7 @@ def run_chain(output_dir, losses=("cal",), num_hypotheses: int = 4, num_threads:
         students[loss] = student / "final"
 
     results = evaluate_chain(teacher / "final", students, data / "stereo-test", seed, progress=progress)
-    _write_json(output_dir / ("results.json" if student_seed is None else f"results-seed{seed}.json"), results)
+    write_json_atomically(results, output_dir / ("results.json" if student_seed is None else f"results-seed{seed}.json"))
     return results
 
 
@@ -125,12 +126,6 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: Path, content: dict) -> None:
-    staging = path.with_name(f".tmp-{path.name}")
-    staging.write_text(json.dumps(content, indent=2))
-    staging.replace(path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m semcorr.training.cpu_chain", description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", required=True, help="everything goes here; rerun to continue a killed run")
@@ -148,6 +143,9 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"cpu_chain: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # a stage stopped (TrainingError is one)
+        print(f"cpu_chain: error: {error}", file=sys.stderr)
+        return 1
     print(format_results(results))
     print(f"wrote {Path(args.output_dir) / 'results.json'}")
     return 0

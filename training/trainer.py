@@ -98,7 +98,7 @@ def _trackers(names: list[str]) -> list[str]:
     for name in names:
         check = available.get(name)
         if check is not None and not check():
-            print(f"[train_teacher] tracker '{name}' is not installed; skipped (metrics.jsonl is written anyway)",
+            print(f"[semcorr.training] tracker '{name}' is not installed; skipped (metrics.jsonl is written anyway)",
                   file=sys.stderr)
             continue
         chosen.append(name)
