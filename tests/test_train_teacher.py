@@ -281,3 +281,21 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, image_folder)
     assert expected.keys() == weights.keys()
     for name in expected:
         torch.testing.assert_close(weights[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_init_from_fine_tunes_a_trained_teacher(tmp_path, image_folder, uninterrupted):
+    """--init-from starts from a teacher's weights (a tiny lr keeps them); a misfit or a student refuses."""
+    trained, _ = uninterrupted
+    config = write_config(tmp_path / "f.yaml", image_folder, tmp_path / "out", optim={"max_steps": 1, "lr": 1e-12})
+    assert train_teacher.main(["--config", str(config), "--init-from", str(trained / "final")]) == 0
+    start = load_file(trained / "final" / "model.safetensors")
+    tuned = load_file(tmp_path / "out" / "final" / "model.safetensors")
+    name = "adaptation.0.conv1.0.weight"
+    torch.testing.assert_close(tuned[name], start[name], rtol=0, atol=1e-6)
+    fresh = train_teacher.build_model(dict(TINY_MODEL), 0).state_dict()[name]
+    assert not torch.allclose(fresh, start[name])
+    other = write_config(tmp_path / "o.yaml", image_folder, tmp_path / "o", model={"backbone_layers": [3, 4]})
+    with pytest.raises(ValueError, match="does not fit this teacher"):
+        train_teacher.train(load_config(other, PMDTeacherConfig, {"run.init_from": str(trained / "final")}))
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        load_config(config, PMDTeacherConfig, {"run.init_from": str(tmp_path)})

@@ -175,6 +175,9 @@ class RunConfig:
         cpu: force CPU; ``None``: CPU when no accelerator is available or ``ACCELERATE_USE_CPU`` is set.
         num_threads: ``torch.set_num_threads`` per process (``None``: torch's default). On a busy
             small CPU host 1 thread can be many times faster than oversubscribed cores.
+        init_from: teacher only: start from the weights of this ``save_pretrained`` directory
+            (``model.safetensors``; the architecture must match) -- to fine-tune a teacher, e.g.
+            with keypoint supervision.
     """
 
     output_dir: str = "runs/pmd-teacher"
@@ -184,6 +187,7 @@ class RunConfig:
     log_every_steps: int = 1
     cpu: bool | None = None
     num_threads: int | None = None
+    init_from: str | None = None
 
 
 @dataclass
@@ -376,3 +380,5 @@ def validate_optim_run(optim: "OptimConfig", run: "RunConfig") -> None:
         raise ValueError(f"optim.max_steps must be >= 1, got {optim.max_steps}")
     if run.save_every_steps < 0 or run.keep_checkpoints < 0 or run.log_every_steps < 1:
         raise ValueError("run.save_every_steps and run.keep_checkpoints must be >= 0, run.log_every_steps >= 1")
+    if run.init_from is not None and not (Path(run.init_from).expanduser() / "model.safetensors").is_file():
+        raise ValueError(f"run.init_from: no model.safetensors in {run.init_from} (a save_pretrained directory)")

@@ -140,6 +140,9 @@ def parse_distill_config(raw: dict | None, source: str | None = None) -> Distill
     if not 0.0 <= data.flip_prob <= 1.0:
         raise ValueError(f"data.flip_prob must be in [0, 1], got {data.flip_prob}")
     validate_optim_run(optim, run)
+    if run.init_from is not None:
+        raise ValueError("run.init_from applies to the teacher only: the student starts from the teacher's "
+                         "backbone and its own seeded initialisation")
     return DistillConfig(model=model, data=data, optim=optim, run=run, source=source)
 
 

@@ -141,6 +141,22 @@ def build_model(model_fields: dict, seed: int):
     return model
 
 
+def load_weights(model, path: Path) -> None:
+    """Every weight of ``model`` from a safetensors file (fine-tuning); a mismatch raises ValueError."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise ValueError(f"run.init_from: {path} does not fit this teacher ({first}); same backbone, levels and "
+                         "kernels needed") from error
+    if missing or unexpected:
+        raise ValueError(f"run.init_from: {path} does not fit this teacher: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]} (same backbone, levels and kernels needed)")
+
+
 def train(config: TrainConfig, resume: bool = False, max_steps: int | None = None) -> dict:
     """Run (or resume) a teacher training; see :func:`_train`. ``run.num_threads`` holds only for the run."""
     with trainer.torch_threads(config.run.num_threads):
@@ -172,6 +188,8 @@ def _train(config: TrainConfig, resume: bool = False, max_steps: int | None = No
     total_steps = trainer.count_steps(steps_per_epoch, config.optim.epochs, config.optim.max_steps, max_steps)
 
     model = build_model(config.model, config.optim.seed)
+    if config.run.init_from is not None:
+        load_weights(model, Path(config.run.init_from).expanduser() / "model.safetensors")
     model_config = model.config
     mean = torch.tensor(model_config.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(model_config.image_std).view(1, 3, 1, 1)
@@ -286,6 +304,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "pf-pascal | pf-willow | spair-71k | a save_to_disk folder of keypoint pairs")
     parser.add_argument("--keypoint-data-dir", help="the extracted benchmark folder of --keypoint-dataset")
     parser.add_argument("--keypoint-split", help="split of --keypoint-dataset (default trn)")
+    parser.add_argument("--init-from", help="fine-tune: start from this teacher's save_pretrained directory")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
     return parser.parse_args(argv)
@@ -296,7 +315,8 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     flags = {"run.output_dir": args.output_dir, "data.keypoint_dataset": args.keypoint_dataset,
-             "data.keypoint_data_dir": args.keypoint_data_dir, "data.keypoint_split": args.keypoint_split}
+             "data.keypoint_data_dir": args.keypoint_data_dir, "data.keypoint_split": args.keypoint_split,
+             "run.init_from": args.init_from}
     overrides = {key: value for key, value in flags.items() if value is not None}
     return trainer.run_command("train_teacher", lambda: load_config(args.config, PMDTeacherConfig, overrides), train, args)
 
