@@ -121,3 +121,16 @@ def datasets_offline(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def save_tiny_pmd_teacher(folder: Path) -> Path:
+    """A randomly initialised ResNet-18 PMD teacher at 64 x 64 (seed 0) saved with its processor."""
+    import torch
+
+    from semcorr.modeling import PMDTeacherConfig, PMDTeacherModel, image_processor_for
+
+    torch.manual_seed(0)
+    config = PMDTeacherConfig(backbone="resnet18", backbone_layers=[2, 3], image_size=[64, 64], backbone_weights=None)
+    PMDTeacherModel(config).eval().save_pretrained(folder)
+    image_processor_for(config).save_pretrained(folder)
+    return folder

@@ -34,14 +34,9 @@ def offline():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, offline):
     """A tiny teacher, the PF-PASCAL fixture, the hypotheses and a config file."""
-    from semcorr.modeling import PMDTeacherConfig, PMDTeacherModel, image_processor_for
+    from tests.conftest import save_tiny_pmd_teacher
 
-    torch.manual_seed(0)
-    config = PMDTeacherConfig(backbone="resnet18", backbone_layers=[2, 3], image_size=[64, 64], backbone_weights=None)
-    teacher = PMDTeacherModel(config).eval()
-    teacher_dir = tmp_path_factory.mktemp("teacher")
-    teacher.save_pretrained(teacher_dir)
-    image_processor_for(config).save_pretrained(teacher_dir)
+    teacher_dir = save_tiny_pmd_teacher(tmp_path_factory.mktemp("teacher"))
     pascal = write_pf_pascal(tmp_path_factory.mktemp("pascal"))
     cache = tmp_path_factory.mktemp("hf-cache")
     hyps = tmp_path_factory.mktemp("hyps") / "h"

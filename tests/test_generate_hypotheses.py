@@ -19,15 +19,9 @@ N = 3
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
-    from semcorr.modeling import PMDTeacherConfig, PMDTeacherModel, image_processor_for
+    from tests.conftest import save_tiny_pmd_teacher
 
-    torch.manual_seed(0)
-    config = PMDTeacherConfig(backbone="resnet18", backbone_layers=[2, 3], image_size=[64, 64], backbone_weights=None)
-    model = PMDTeacherModel(config).eval()
-    folder = tmp_path_factory.mktemp("teacher")
-    model.save_pretrained(folder)
-    image_processor_for(config).save_pretrained(folder)
-    return folder
+    return save_tiny_pmd_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ from semcorr.training.config import (
     read_config_file,
     validate_optim_run,
 )
-from semcorr.training.generate_hypotheses import image_columns, load_hypotheses, load_pairs
+from semcorr.training.generate_hypotheses import image_columns, load_hypotheses, load_pairs, load_teacher
 from semcorr.training.trainer import _seed
 
 PSR_FILE = "psr_state.safetensors"
@@ -168,16 +168,9 @@ def build_student(teacher_dir: Path, model_overrides: dict, seed: int):
 
     Returns ``(student, teacher_config)``; the teacher model is loaded, read and dropped.
     """
-    import semcorr.modeling  # noqa: F401  (registers the model types)
     from semcorr.modeling import PMDStudentConfig, PMDStudentModel
-    from transformers import AutoModel
 
-    try:
-        teacher = AutoModel.from_pretrained(str(teacher_dir))
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"teacher: cannot load a model from {teacher_dir}: {error}") from error
-    if not hasattr(teacher, "sample_hypotheses"):
-        raise ValueError(f"teacher: {teacher_dir} holds a {type(teacher).__name__}, not a PMD teacher")
+    teacher = load_teacher(teacher_dir, label="teacher")
     fields = {name: getattr(teacher.config, name) for name in ARCHITECTURE_FIELDS if hasattr(teacher.config, name)}
     fields.update(model_overrides)
     try:

@@ -159,22 +159,31 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
-def _load_teacher(teacher: Path):
+def load_teacher(teacher: Path, label: str = "--teacher"):
+    """The PMD teacher saved in ``teacher`` (eval mode); ``ValueError`` starting with ``label`` otherwise."""
     import semcorr.modeling  # noqa: F401  (registers the model types)
-    from semcorr.modeling import image_processor_for
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoModel
 
     try:
         model = AutoModel.from_pretrained(str(teacher))
     except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"--teacher: cannot load a model from {teacher}: {error}") from error
+        raise ValueError(f"{label}: cannot load a model from {teacher}: {error}") from error
     if not hasattr(model, "sample_hypotheses"):
-        raise ValueError(f"--teacher: {teacher} holds a {type(model).__name__}, not a PMD teacher (no sample_hypotheses)")
+        raise ValueError(f"{label}: {teacher} holds a {type(model).__name__}, not a PMD teacher (no sample_hypotheses)")
+    return model.eval()
+
+
+def _load_teacher(teacher: Path):
+    """The teacher and its image processor (the saved one, else one built from its config)."""
+    from semcorr.modeling import image_processor_for
+    from transformers import AutoImageProcessor
+
+    model = load_teacher(teacher)
     if (teacher / "preprocessor_config.json").is_file():
         processor = AutoImageProcessor.from_pretrained(str(teacher))
     else:
         processor = image_processor_for(model.config)
-    return model.eval(), processor
+    return model, processor
 
 
 # -- generation ------------------------------------------------------------------------------------
