@@ -23,7 +23,7 @@ Prints markdown tables (medians over ``--repeats`` timed runs after ``--warmup``
    the official ``PMDNet`` (``model_noise.py``) with random weights (torchvision ResNet-101 and
    heads whose batch-norm statistics are randomised), its heads saved in the official key layout
    and its backbone as safetensors, both converted with
-   ``semcorr.modeling.convert_pmd_original_checkpoint.build_pmd_student``; then the grids of both
+   ``semcorr.modeling.pmd.convert_pmd_original_checkpoint.build_pmd_student``; then the grids of both
    on the same 320² pair (max abs difference; cells whose correlation arg-max is a near tie
    are counted apart, since any float32 rounding may pick the other cell there) and the time per
    pair of each, official ``net(src, tgt, train=False)`` (as ``eval_pascal.py`` calls it) and
@@ -68,7 +68,7 @@ def load_average() -> str:
 
 
 def model_fields(case: str, size: int) -> dict:
-    from semcorr.modeling.convert_pmd_original_checkpoint import PUBLISHED_CONFIG
+    from semcorr.modeling.pmd.convert_pmd_original_checkpoint import PUBLISHED_CONFIG
 
     if case == "embedded":
         fields = dict(EMBEDDED_FIELDS)
@@ -108,7 +108,7 @@ def skimage_pair(size: int, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
 
 def training_step_fn(model, kind: str, source: torch.Tensor, batch_size: int, seed: int = 0):
     """A closure running one training step (forward, backward, Adam step) on synthetic supervision."""
-    from semcorr.hub_datasets.synthetic import affine_grid_trg_to_src, random_affine, warp_images
+    from semcorr.training.data.synthetic import affine_grid_trg_to_src, random_affine, warp_images
 
     generator = torch.Generator().manual_seed(seed)
     size = tuple(source.shape[-2:])
@@ -194,8 +194,8 @@ def randomise_batch_norm(module: torch.nn.Module, generator: torch.Generator) ->
 def official_comparison(official_dir: Path, size: int, repeats: int, warmup: int, seed: int = 0) -> dict:
     from safetensors.torch import save_file
 
-    from semcorr.modeling.configuration_pmd import IMAGENET_MEAN, IMAGENET_STD
-    from semcorr.modeling.convert_pmd_original_checkpoint import build_pmd_student
+    from semcorr.modeling.pmd.configuration_pmd import IMAGENET_MEAN, IMAGENET_STD
+    from semcorr.modeling.pmd.convert_pmd_original_checkpoint import build_pmd_student
 
     official = import_official(official_dir)
     torch.manual_seed(seed)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from semcorr.modeling import dense_cosine_correlation, gaussian_kernel2d, regularized_hough_matching
-from semcorr.modeling.rhm import _axis_bins, hough_space_shape
+from semcorr.modeling.ops.rhm import _axis_bins, hough_space_shape
 from bench_utils import median_time
 
 _PACKAGE = "_hpf_reference_model"

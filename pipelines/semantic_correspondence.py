@@ -8,7 +8,7 @@ import torch
 from transformers import Pipeline
 
 from semcorr.modeling import image_processor_for, select_mutual_matches, validate_keypoints
-from semcorr.modeling.geometry import grid_to_pixels
+from semcorr.modeling.ops.geometry import grid_to_pixels
 from semcorr.modeling.image_io import load_image
 
 _INPUT_KEYS = {"source_image", "target_image", "source_keypoints"}

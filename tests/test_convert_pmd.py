@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from semcorr.modeling.convert_pmd_original_checkpoint import convert_pmd_checkpoint, main, map_official_keys
+from semcorr.modeling.pmd.convert_pmd_original_checkpoint import convert_pmd_checkpoint, main, map_official_keys
 
 OVERRIDES = dict(backbone="resnet18", image_size=[64, 64])
 

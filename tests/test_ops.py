@@ -15,15 +15,14 @@ from semcorr.modeling import (
     grid_to_pixels,
     identity_grid,
     kernel_soft_argmax,
-    mutual_nearest_neighbours,
     pixels_to_grid,
     regularized_hough_matching,
     sample_grid_at,
     select_mutual_matches,
     transfer_keypoints,
 )
-from semcorr.modeling.geometry import cell_axes
-from semcorr.modeling.soft_argmax import local_soft_argmax
+from semcorr.modeling.ops.geometry import cell_axes
+from semcorr.modeling.ops.soft_argmax import local_soft_argmax
 
 
 def _cell_x(index, n):
@@ -67,21 +66,6 @@ def test_dense_cosine_correlation_normalize_false_is_plain_dot_product():
 def test_dense_cosine_correlation_rejects_mismatched_channels():
     with pytest.raises(ValueError, match="share batch and channels"):
         dense_cosine_correlation(torch.randn(1, 3, 2, 2), torch.randn(1, 4, 2, 2))
-
-
-# -- mutual nearest neighbours ------------------------------------------------------------------
-def test_mutual_nearest_neighbours_hand_built():
-    correlation = torch.tensor(
-        [
-            [0.9, 0.1, 0.0],  # s0 -> t0, t0's best is s0: mutual
-            [0.8, 0.2, 0.1],  # s1 -> t0, but t0 prefers s0: not mutual
-            [0.0, 0.3, 0.7],  # s2 -> t2, t2's best is s2: mutual
-            [0.1, 0.5, 0.6],  # s3 -> t2, t2 prefers s2: not mutual
-        ]
-    )[None]
-    target_index, is_mutual = mutual_nearest_neighbours(correlation)
-    assert target_index.tolist() == [[0, 0, 2, 2]]
-    assert is_mutual.tolist() == [[True, False, True, False]]
 
 
 # -- kernel soft-argmax -------------------------------------------------------------------------

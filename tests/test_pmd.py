@@ -13,14 +13,13 @@ from semcorr.modeling import (
     PMDTeacherConfig,
     PMDTeacherModel,
 )
-from semcorr.modeling.geometry import identity_grid
-from semcorr.modeling.pmd_losses import (
+from semcorr.modeling.ops.geometry import identity_grid
+from semcorr.modeling.pmd.losses import (
     confidence_aware_loss,
     cycle_errors,
     cycle_mask,
     empirical_variance,
     flow_smoothness,
-    identity_positions,
     psr_weights,
     update_prior,
     variance_kl,
@@ -202,7 +201,7 @@ def test_variance_kl_and_cal_by_hand():
 
 def test_smoothness_zero_for_identity_and_affine_fields():
     for align in (False, True):
-        grid = identity_positions(5, 7, align, torch.zeros(1))
+        grid = identity_grid(1, 5, 7, align_corners=align)
         assert float(flow_smoothness(grid, align)) == 0.0
     bumpy = identity_grid(1, 5, 5)
     bumpy[0, 0, 2, 2] += 0.5
@@ -228,7 +227,7 @@ def test_corner_aligned_transfer_reads_the_field_like_the_official_eval(pair):
 
 @pytest.mark.parametrize("kernel, bias", [(5, True), (3, False), (1, True)])
 def test_conv2d_as_matmul_equals_conv2d(kernel, bias):
-    from semcorr.modeling.pmd_layers import conv2d_as_matmul
+    from semcorr.modeling.pmd.layers import conv2d_as_matmul
 
     generator = torch.Generator().manual_seed(kernel)
     features = torch.randn(2, 6, 7, 9, generator=generator)
@@ -239,7 +238,7 @@ def test_conv2d_as_matmul_equals_conv2d(kernel, bias):
 
 
 def test_eval_adaptation_path_matches_training_convolution():
-    from semcorr.modeling.pmd_layers import AdaptationBlock
+    from semcorr.modeling.pmd.layers import AdaptationBlock
 
     torch.manual_seed(0)
     block = AdaptationBlock(8, 5).eval()

@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from semcorr.hub_datasets.skimage_pairs import TRAINING_PHOTOS, skimage_data_dir
-from semcorr.hub_datasets.synthetic import SyntheticPairGenerator
+from semcorr.training.data.synthetic import SyntheticPairGenerator
 from semcorr.training import cpu_chain, train_teacher
 from semcorr.training.config import load_config
 

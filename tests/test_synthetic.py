@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from semcorr.hub_datasets.skimage_pairs import affine_pair, skimage_data_dir, stereo_pair
-from semcorr.hub_datasets.synthetic import (
+from semcorr.training.data.synthetic import (
     affine_grid_trg_to_src,
     apply_affine,
     invert_affine,

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from semcorr.hub_datasets.synthetic import (
+from semcorr.training.data.images import iter_image_batches
+from semcorr.training.data.synthetic import (
     ColorJitter,
     SyntheticPairGenerator,
     adjust_colour,
@@ -20,7 +21,6 @@ from semcorr.hub_datasets.synthetic import (
     invert_affine,
     invert_grid,
     invert_homography,
-    iter_image_batches,
     random_affine,
     random_homography,
     random_tps,

@@ -121,7 +121,7 @@ class DataConfig:
         image_size: ``[height, width]`` of the training images; sets ``model.image_size`` (they
             must agree when both are given).
         repeats: passes over the image list per epoch (tiny image sets).
-        warp_kinds, flip_prob, color_jitter: :class:`~semcorr.hub_datasets.SyntheticPairGenerator` options.
+        warp_kinds, flip_prob, color_jitter: :class:`~semcorr.training.data.synthetic.SyntheticPairGenerator` options.
         keypoint_dataset: labelled pairs for sparse keypoint supervision (the strongly supervised
             PMD): ``pf-pascal``, ``pf-willow``, ``spair-71k`` (with ``keypoint_data_dir``) or a
             ``save_to_disk`` folder in the benchmark pair schema; None: synthetic supervision only.

@@ -253,7 +253,7 @@ def _train(config: DistillConfig, resume: bool = False, max_steps: int | None = 
         ~semcorr.training.trainer.NonFiniteLossError: the loss of a step was NaN / inf (named; nothing is saved for it).
     """
     from semcorr.modeling import image_processor_for
-    from semcorr.modeling.pmd_losses import update_prior
+    from semcorr.modeling.pmd.losses import update_prior
 
     output_dir = Path(config.run.output_dir)
     store = load_hypotheses(config.data.hypotheses)

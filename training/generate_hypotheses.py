@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from semcorr.modeling.file_utils import file_sha256
+from semcorr.utils import sha256_file as file_sha256
 
 from semcorr.training.trainer import _seed
 

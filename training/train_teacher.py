@@ -74,7 +74,7 @@ class ImageSource:
     """Indexable unlabelled images (folder, list of paths, ``datasets.Dataset``) -> ``(3, H, W)`` in [0, 1]."""
 
     def __init__(self, data, image_size):
-        from semcorr.hub_datasets.synthetic import iter_image_batches
+        from semcorr.training.data.images import iter_image_batches
 
         if data.images is not None:
             source = resolve_image_source(data.images)
@@ -170,7 +170,7 @@ def _train(config: TrainConfig, resume: bool = False, max_steps: int | None = No
         NonFiniteLossError: the loss of a step was NaN / inf (the step is named; nothing is saved for it).
         UnreadableImagesError: more than 1 % of the images of an epoch could not be read.
     """
-    from semcorr.hub_datasets.synthetic import ColorJitter, SyntheticPairGenerator
+    from semcorr.training.data.synthetic import ColorJitter, SyntheticPairGenerator
     from semcorr.modeling import image_processor_for
 
     output_dir = Path(config.run.output_dir)

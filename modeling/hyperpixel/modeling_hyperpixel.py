@@ -13,14 +13,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .backbone import FeatureBackbone
+from ..backbone import FeatureBackbone
+from ..modeling_matcher import CorrespondenceOutput, SemanticMatcherPreTrainedModel
+from ..ops.correlation import dense_cosine_correlation
+from ..ops.geometry import cell_axes, grid_to_pixels, pixels_to_grid
+from ..ops.keypoint_transfer import transfer_keypoints
+from ..ops.rhm import regularized_hough_matching
+from ..ops.soft_argmax import local_soft_argmax
 from .configuration_hyperpixel import HyperpixelFlowConfig
-from .correlation import dense_cosine_correlation
-from .geometry import cell_axes, grid_to_pixels, pixels_to_grid
-from .keypoint_transfer import transfer_keypoints
-from .modeling_matcher import CorrespondenceOutput, SemanticMatcherPreTrainedModel
-from .rhm import regularized_hough_matching
-from .soft_argmax import local_soft_argmax
 
 
 class HyperpixelFlowPreTrainedModel(SemanticMatcherPreTrainedModel):

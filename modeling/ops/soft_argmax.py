@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .geometry import cell_centers
-
-
-def _target_coordinates(height: int, width: int, align_corners: bool, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x coordinates ``(w,)`` and y coordinates ``(h,)`` of target cells in grid units."""
-    if align_corners:
-        # The official SFNet / PMD code places cells on linspace(-1, 1, n) (corner-aligned).
-        return (torch.linspace(-1, 1, width, device=device, dtype=dtype),
-                torch.linspace(-1, 1, height, device=device, dtype=dtype))
-    centers = cell_centers(height, width, device=device, dtype=dtype)
-    return centers[:width, 0], centers[::width, 1]
+from .geometry import grid_axes
 
 
 def kernel_soft_argmax(
@@ -49,7 +39,7 @@ def kernel_soft_argmax(
         raise ValueError(
             f"correlation {tuple(correlation.shape)} does not match source {source_size} and target {target_size}"
         )
-    xs, ys = _target_coordinates(h_t, w_t, align_corners, correlation.device, correlation.dtype)
+    xs, ys = grid_axes(h_t, w_t, align_corners, device=correlation.device, dtype=correlation.dtype)
     scores = beta * correlation
     if sigma > 0:
         best = correlation.argmax(dim=2)  # (B, Ns)
@@ -97,7 +87,7 @@ def local_soft_argmax(
     index = (rows.clamp(0, h_t - 1) * w_t + cols.clamp(0, w_t - 1))
     values = torch.gather(scores, 2, index) / best_value.clamp_min(1e-12)[..., None]
     weights = torch.softmax((beta * values).masked_fill(~inside, float("-inf")), dim=2)
-    xs = (cols.to(scores.dtype) + 0.5) * (2.0 / w_t) - 1.0
-    ys = (rows.to(scores.dtype) + 0.5) * (2.0 / h_t) - 1.0
+    axis_x, axis_y = grid_axes(h_t, w_t, device=scores.device, dtype=scores.dtype)
+    xs, ys = axis_x[cols.clamp(0, w_t - 1)], axis_y[rows.clamp(0, h_t - 1)]  # outside cells have weight 0
     grid = torch.stack([(weights * xs).sum(-1), (weights * ys).sum(-1)], dim=1)
     return grid.view(batch_size, 2, h_s, w_s)

@@ -108,9 +108,10 @@ class PMDStudentConfig(PMDConfig):
 
     Args:
         distillation_weight, psr_prior_rate, variance_kl_weight: lambda_2, the per-epoch update
-            rate of the PSR prior, and the weight of its KL term in CAL (DESIGN: 16, 0.01, 0.01).
+            rate of the PSR prior, and the weight of its KL term in CAL (defaults 16, 0.01, 0.01: the
+            reconstruction in :mod:`semcorr.modeling.pmd.losses`).
         cycle_sharpness, cycle_offset: the cycle-consistency mask ``1 - sigmoid(a (d - b))``.
-        psr_prior_init: the value ``Sigma`` starts from (DESIGN: 1, in grid units, where the PSR
+        psr_prior_init: the value ``Sigma`` starts from (default 1, in grid units, where the PSR
             weights of sub-cell disagreements stay close to 1; smaller values make PSR selective).
         distillation_loss: ``"cal"`` (PSR weights, cycle mask and the prior's KL, as published) or
             ``"l2"`` (the ablation: every hypothesis weighted alike, no mask, no KL).

@@ -25,21 +25,36 @@ def grid_to_pixels(points: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return (points + 1.0) * scale
 
 
-def cell_centers(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def grid_axes(height: int, width: int, align_corners: bool = False, device=None, dtype=torch.float32):
+    """Cell-centre coordinates of an ``height x width`` map in grid units: ``(xs (width,), ys (height,))``.
+
+    The one definition of where a cell sits. ``align_corners=False`` (the package convention):
+    cell ``i`` of ``n`` is centred at ``(i + 0.5) * 2 / n - 1``. ``align_corners=True``: cells on
+    ``linspace(-1, 1, n)``, as the official SFNet / PMD code places them.
+    """
+    if align_corners:
+        return (torch.linspace(-1, 1, width, device=device, dtype=dtype),
+                torch.linspace(-1, 1, height, device=device, dtype=dtype))
+    xs = (torch.arange(width, device=device, dtype=dtype) + 0.5) * (2.0 / width) - 1.0
+    ys = (torch.arange(height, device=device, dtype=dtype) + 0.5) * (2.0 / height) - 1.0
+    return xs, ys
+
+
+def cell_centers(height: int, width: int, device=None, dtype=torch.float32, align_corners: bool = False) -> torch.Tensor:
     """Centres of the cells of an ``height x width`` feature map in grid units.
 
     Returns:
         ``(height * width, 2)`` (x, y), row-major (index ``y * width + x``).
     """
-    xs = (torch.arange(width, device=device, dtype=dtype) + 0.5) * (2.0 / width) - 1.0
-    ys = (torch.arange(height, device=device, dtype=dtype) + 0.5) * (2.0 / height) - 1.0
+    xs, ys = grid_axes(height, width, align_corners, device=device, dtype=dtype)
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)
 
 
-def identity_grid(batch_size: int, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def identity_grid(batch_size: int, height: int, width: int, device=None, dtype=torch.float32,
+                  align_corners: bool = False) -> torch.Tensor:
     """Identity correspondence field ``(B, 2, h, w)``: every cell maps to its own centre."""
-    centers = cell_centers(height, width, device=device, dtype=dtype)
+    centers = cell_centers(height, width, device=device, dtype=dtype, align_corners=align_corners)
     return centers.T.reshape(1, 2, height, width).expand(batch_size, -1, -1, -1).clone()
 
 
@@ -64,6 +79,5 @@ def cell_axes(height: int, width: int, image_size: tuple[int, int], device=None,
     """Pixel coordinates of the cell centres of an ``height x width`` map over an image of
     ``image_size = (H, W)``: ``(xs (width,), ys (height,))``."""
     image_height, image_width = image_size
-    xs = (torch.arange(width, device=device, dtype=dtype) + 0.5) * (image_width / width)
-    ys = (torch.arange(height, device=device, dtype=dtype) + 0.5) * (image_height / height)
-    return xs, ys
+    xs, ys = grid_axes(height, width, device=device, dtype=dtype)
+    return (xs + 1.0) * (image_width / 2.0), (ys + 1.0) * (image_height / 2.0)

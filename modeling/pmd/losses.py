@@ -1,7 +1,7 @@
 """PMD training losses: grid regression, smoothness, PSR weights, cycle mask and CAL.
 
 The public PMD code ships no loss file; PSR and CAL below are reconstructed from its training
-script, its noise module and the paper's figure (see DESIGN.md, "PMD"):
+script, its noise module and the paper's figure (Li et al., CVPR 2021):
 
 * PSR weight of hypothesis ``l`` at pixel ``p``: ``W_l(p) = exp(-|F_l(p) - F_s(p)|^2 / (2 Sigma(p)^2))``
   with a per-pair, per-pixel prior ``Sigma`` (initialised to 1) that moves once per epoch toward
@@ -18,24 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .geometry import sample_grid_at
-
-
-def identity_positions(height: int, width: int, align_corners: bool, like: torch.Tensor) -> torch.Tensor:
-    """Positions ``(1, 2, h, w)`` of the cells of a field in grid units."""
-    if align_corners:
-        xs = torch.linspace(-1, 1, width, device=like.device, dtype=like.dtype)
-        ys = torch.linspace(-1, 1, height, device=like.device, dtype=like.dtype)
-    else:
-        xs = (torch.arange(width, device=like.device, dtype=like.dtype) + 0.5) * (2.0 / width) - 1.0
-        ys = (torch.arange(height, device=like.device, dtype=like.dtype) + 0.5) * (2.0 / height) - 1.0
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([grid_x, grid_y])[None]
+from ..ops.geometry import identity_grid, sample_grid_at
 
 
 def flow_smoothness(grid: torch.Tensor, align_corners: bool = False) -> torch.Tensor:
     """Mean absolute central difference of the flow ``grid - identity`` (SFNet's smoothness)."""
-    flow = grid - identity_positions(grid.shape[-2], grid.shape[-1], align_corners, grid)
+    flow = grid - identity_grid(1, *grid.shape[-2:], device=grid.device, dtype=grid.dtype, align_corners=align_corners)
     dx = (F.pad(flow, (1, 1, 0, 0))[..., :, 2:] - F.pad(flow, (1, 1, 0, 0))[..., :, :-2]) / 2
     dy = (F.pad(flow, (0, 0, 1, 1))[..., 2:, :] - F.pad(flow, (0, 0, 1, 1))[..., :-2, :]) / 2
     return (dx.abs().mean() + dy.abs().mean()) / 2
@@ -74,7 +62,7 @@ def cycle_errors(hypotheses_src_to_trg: torch.Tensor, hypotheses_trg_to_src: tor
     backward = hypotheses_trg_to_src.reshape(num * batch, 2, *hypotheses_trg_to_src.shape[-2:])
     points = forward.flatten(2).transpose(1, 2)  # (LB, hw, 2)
     returned = sample_grid_at(backward, points).transpose(1, 2).reshape(num * batch, 2, height, width)
-    start = identity_positions(height, width, align_corners, forward)
+    start = identity_grid(1, height, width, device=forward.device, dtype=forward.dtype, align_corners=align_corners)
     return (returned - start).norm(dim=1).reshape(num, batch, height, width)
 
 

@@ -13,24 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import FeatureBackbone
+from ..backbone import FeatureBackbone
+from ..modeling_matcher import CorrespondenceOutput, SemanticMatcherPreTrainedModel
+from ..ops.correlation import dense_cosine_correlation
+from ..ops.geometry import grid_to_pixels, identity_grid, pixels_to_grid, sample_grid_at
+from ..ops.keypoint_transfer import transfer_keypoints
+from ..ops.soft_argmax import kernel_soft_argmax
 from .configuration_pmd import PMDConfig, PMDStudentConfig, PMDTeacherConfig
-from .correlation import dense_cosine_correlation
-from .geometry import grid_to_pixels, pixels_to_grid, sample_grid_at
-from .keypoint_transfer import transfer_keypoints
-from .modeling_matcher import CorrespondenceOutput, SemanticMatcherPreTrainedModel
-from .pmd_layers import AdaptationBlock, CoChannelAttention, gaussian_kl_to_unit
-from .pmd_losses import (
+from .layers import AdaptationBlock, CoChannelAttention, gaussian_kl_to_unit
+from .losses import (
     confidence_aware_loss,
     cycle_errors,
     cycle_mask,
     empirical_variance,
     flow_smoothness,
-    identity_positions,
     masked_grid_loss,
     psr_weights,
 )
-from .soft_argmax import kernel_soft_argmax
 
 
 @dataclass
@@ -145,7 +144,8 @@ class PMDPreTrainedModel(SemanticMatcherPreTrainedModel):
 
     def _cell_targets(self, grid_trg_to_src: torch.Tensor, valid_trg: torch.Tensor | None, shape):
         """Ground truth at the target cells from a field ``(B, 2, H, W)`` at any resolution."""
-        cells = identity_positions(*shape, self.config.grid_align_corners, grid_trg_to_src)
+        cells = identity_grid(1, *shape, device=grid_trg_to_src.device, dtype=grid_trg_to_src.dtype,
+                              align_corners=self.config.grid_align_corners)
         points = cells.flatten(2).transpose(1, 2).expand(grid_trg_to_src.shape[0], -1, -1)
         target = sample_grid_at(grid_trg_to_src, points).transpose(1, 2).reshape(-1, 2, *shape)
         valid = None

@@ -1,0 +1,1 @@
+"""Training data: synthetic warps with known correspondence, unlabelled image sources, keypoint batches."""
