@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -20,24 +18,50 @@ from datasets.table import embed_table_storage
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard
 
+from semcorr.utils import atomic_directory
+
 from ._common import canonical_split
 from .pf_pascal import PFPascal
 from .pf_willow import PFWillow
 from .spair import SPair71k
 
+#: The one list of benchmark names: canonical name -> builder class.
 BENCHMARKS = {"pf-pascal": PFPascal, "pf-willow": PFWillow, "spair-71k": SPair71k}
+#: Spellings people use for the benchmarks (after lower-casing and ``_`` -> ``-``).
+BENCHMARK_ALIASES = {"pfpascal": "pf-pascal", "pfwillow": "pf-willow", "spair": "spair-71k", "spair71k": "spair-71k"}
 CARDS_DIR = Path(__file__).parent / "cards"
 _CARD_BY_BUILDER_NAME = {cls.__module__.rsplit(".", 1)[-1]: cls.CARD for cls in BENCHMARKS.values()}
 _DEFAULT_CARD = "---\ntags:\n- semantic-correspondence\n---\n\n# Semantic correspondence pairs\n"
 _WRITE_BATCH = 100  # rows per Parquet write: bounds memory when images are embedded
 
 
+def benchmark_key(name) -> Optional[str]:
+    """The canonical name of benchmark ``name`` (case, ``_`` and aliases forgiven), or None if it names none."""
+    if not isinstance(name, str):
+        return None
+    key = name.strip().lower().replace("_", "-")
+    key = BENCHMARK_ALIASES.get(key, key)
+    return key if key in BENCHMARKS else None
+
+
+def canonical_benchmark_name(name: str) -> str:
+    """``"PF_PASCAL"``, ``"pfpascal"`` -> ``"pf-pascal"``; ``"spair"`` -> ``"spair-71k"``; a key of :data:`BENCHMARKS`.
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        ValueError: ``name`` is no benchmark; the message lists the valid names.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"benchmark name must be a string such as 'pf-pascal', got {type(name).__name__}")
+    key = benchmark_key(name)
+    if key is None:
+        raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(BENCHMARKS)}")
+    return key
+
+
 def benchmark_builder(name: str, data_dir=None, split: Optional[str] = None, cache_dir=None, **config):
     """A builder for ``name`` reading ``data_dir`` (None downloads), limited to ``split`` if given."""
-    key = name.strip().lower().replace("_", "-")
-    if key not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(BENCHMARKS)}")
-    return BENCHMARKS[key](
+    return BENCHMARKS[canonical_benchmark_name(name)](
         cache_dir=None if cache_dir is None else str(cache_dir),
         data_dir=None if data_dir is None else str(Path(data_dir).resolve()),
         split=None if split is None else canonical_split(split),
@@ -89,16 +113,10 @@ def to_hub_layout(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
     dataset_dict, card_text = _as_dataset_dict(dataset_dict_or_builder, card)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as staging:
         sizes = {split: _write_parquet(ds, staging / "data" / f"{split}-00000-of-00001.parquet")
                  for split, ds in dataset_dict.items()}
         (staging / "README.md").write_text(_readme(card_text, dataset_dict, sizes))
-        _swap_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -146,13 +164,3 @@ def _readme(card_text: str, dataset_dict: datasets.DatasetDict, sizes: dict) -> 
     MetadataConfigs({"default": {"data_files": data_files}}).to_dataset_card_data(card.data)
     return str(card)
 
-
-def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    """Rename the finished ``staging`` folder to ``out_dir``, replacing what was there."""
-    if not out_dir.exists():
-        staging.rename(out_dir)
-        return
-    previous = staging.with_name(staging.name + ".previous")
-    out_dir.rename(previous)
-    staging.rename(out_dir)
-    shutil.rmtree(previous, ignore_errors=True)

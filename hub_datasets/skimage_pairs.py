@@ -8,7 +8,7 @@
 * ``crop_pairs_dataset``: unlabelled real pairs (two overlapping crops of one photo, at different
   positions and scales) -- the "real pairs" the PMD teacher labels with hypotheses on CPU.
 * ``keypoint_pairs_dataset``: :class:`KeypointPair` s as a ``datasets.Dataset`` in the benchmark pair
-  schema, so ``semcorr evaluate --dataset`` and :func:`semcorr.pipelines.evaluation.evaluate_dataset`
+  schema, so ``semcorr evaluate --dataset`` and :func:`semcorr.evaluation.evaluate_dataset`
   score them like PF-WILLOW (PCK relative to the keypoint extent).
 
 ``python -m semcorr.hub_datasets.skimage_pairs --output-dir DIR`` writes both as ``save_to_disk``
@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from semcorr.training.data.synthetic import affine_grid_trg_to_src, apply_affine, random_affine, warp_images
+from semcorr.utils import atomic_directory
 
 
 @dataclass
@@ -196,34 +197,78 @@ def _box(centre: np.ndarray, side: float) -> tuple[int, int, int, int]:
     return int(x0), int(y0), int(x0 + round(side)), int(y0 + round(side))
 
 
+#: Photos whose random warps form the classes of the weakly supervised (cascaded MIL) CPU run, and
+#: the photos held out of it (their warps measure what the generator learnt).
+MIL_TRAINING_PHOTOS = (
+    "astronaut.png", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "moon.png",
+    "coins.png", "cell.png", "brick.png", "gravel.png", "grass.png",
+)
+MIL_HELD_OUT_PHOTOS = ("chelsea.png", "coffee.png", "motorcycle_left.png")
+
+
+def warp_generator(strength: float = 0.35, seed: int = 0):
+    """The warps of :func:`warped_classes`: affine, homography and TPS of ``strength`` grid units (noise std of
+    the linear part, the corners and the TPS control points; translations 2/3 of it), colour jitter, no flips."""
+    from semcorr.training.data.synthetic import SyntheticPairGenerator
+
+    return SyntheticPairGenerator(flip_prob=0.0, seed=seed, affine_linear_std=strength,
+                                  affine_translation_std=strength * 2 / 3, homography_strength=strength,
+                                  tps_strength=strength)
+
+
+def warped_classes(photos=MIL_TRAINING_PHOTOS, members: int = 8, size: tuple[int, int] = (192, 192), seed: int = 0,
+                   strength: float = 0.35):
+    """Image classes without labels of points: class ``c`` is ``members`` random warps of photo ``c``.
+
+    Each member is the photo (resized to ``size``) under a random affine / homography / TPS warp
+    with colour jitter (:func:`warp_generator`: strong warps, no flips);
+    two members of a class are a positive pair, two of different classes a negative one -- the
+    only supervision a weakly supervised matcher gets. Yields ``(class name, member index, PIL image)``.
+    """
+    from semcorr.modeling.image_processing_semcorr import image_to_unit_tensor
+
+    generator = warp_generator(strength, seed)
+    for name in photos:
+        photo = image_to_unit_tensor(Image.open(skimage_data_dir() / name).convert("RGB"), size)
+        warped = generator(photo[None].repeat(members, 1, 1, 1))["target_pixel_values"]
+        for index, member in enumerate(warped):
+            yield Path(name).stem, index, Image.fromarray((member.permute(1, 2, 0) * 255).round().byte().numpy())
+
+
+def write_warped_classes(output_dir, photos=MIL_TRAINING_PHOTOS, members: int = 8, size=(192, 192), seed: int = 0) -> Path:
+    """:func:`warped_classes` as an ImageNet-layout folder ``output_dir/<class>/<member>.png``, written atomically."""
+    output_dir = Path(output_dir)
+    with atomic_directory(output_dir) as staging:
+        for name, index, image in warped_classes(photos, members, size, seed):
+            (staging / name).mkdir(exist_ok=True)
+            image.save(staging / name / f"{index:03d}.png")
+    return output_dir
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m semcorr.hub_datasets.skimage_pairs",
-                                     description="Write the CPU chain's pairs: unlabelled crop pairs and held-out stereo windows.")
-    parser.add_argument("--output-dir", required=True, help="writes OUTPUT_DIR/train-pairs and OUTPUT_DIR/stereo-test")
+                                     description="Write the CPU runs' data: unlabelled crop pairs, held-out stereo windows, warped classes.")
+    parser.add_argument("--output-dir", required=True,
+                        help="writes OUTPUT_DIR/train-pairs, OUTPUT_DIR/stereo-test (PMD) and OUTPUT_DIR/classes (cascaded MIL)")
+    parser.add_argument("--class-members", type=int, default=8, help="warps per photo in OUTPUT_DIR/classes")
     parser.add_argument("--pairs-per-photo", type=int, default=4)
     parser.add_argument("--test-pairs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.pairs_per_photo < 1 or args.test_pairs < 1:
-        print("skimage_pairs: error: --pairs-per-photo and --test-pairs must be >= 1", file=sys.stderr)
+    if args.pairs_per_photo < 1 or args.test_pairs < 1 or args.class_members < 2:
+        print("skimage_pairs: error: --pairs-per-photo and --test-pairs must be >= 1, --class-members >= 2",
+              file=sys.stderr)
         return 2
     output = Path(args.output_dir)
     for name, dataset in (("train-pairs", crop_pairs_dataset(pairs_per_photo=args.pairs_per_photo, seed=args.seed)),
                           ("stereo-test", keypoint_pairs_dataset(stereo_crops(args.test_pairs, seed=args.seed + 1),
                                                                  category="stereo"))):
-        _save_atomically(dataset, output / name)
+        with atomic_directory(output / name) as staging:  # a rerun replaces the folder whole, never half-written
+            dataset.save_to_disk(str(staging))
         print(f"wrote {output / name} ({len(dataset)} pairs)")
+    write_warped_classes(output / "classes", members=args.class_members, seed=args.seed)
+    print(f"wrote {output / 'classes'} ({len(MIL_TRAINING_PHOTOS)} classes of {args.class_members} warped photos)")
     return 0
-
-
-def _save_atomically(dataset, path: Path) -> None:
-    import shutil
-
-    staging = path.with_name(f".tmp-{path.name}")
-    shutil.rmtree(staging, ignore_errors=True)
-    dataset.save_to_disk(str(staging))
-    shutil.rmtree(path, ignore_errors=True)
-    staging.rename(path)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # PIL's own decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS): larger images are refused
 # before decoding; smaller ones are resized by the image processor in uint8, so a 10000 x 10000
@@ -67,16 +67,18 @@ def load_image(image) -> Image.Image:
     Args:
         image: a path (str / ``os.PathLike``), a PIL image, or a numpy array (HxW, HxWx3,
             HxWx4, CxHxW; uint8, 16-bit or float in [0, 1]). Grayscale, palette, RGBA and 16-bit
-            images are converted, not rejected (transparency composited on white).
+            images are converted, not rejected (transparency composited on white). A photo's EXIF
+            orientation is applied (``ImageOps.exif_transpose``), so pixels -- and keypoints --
+            are in the frame the photo is displayed in.
 
     Raises:
-        ValueError: missing file, bytes that are not an image, a truncated file, an empty or
-            oversized image, or an unsupported type. The message names the file.
+        ValueError: missing file, a directory, bytes that are not an image, a truncated file, an
+            empty or oversized image, or an unsupported type. The message names the file.
     """
     if isinstance(image, Image.Image):
         if image.width * image.height > MAX_IMAGE_PIXELS:
             raise ValueError(f"image of {image.width}x{image.height} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
-        return _to_uint8_rgb(image)
+        return _to_uint8_rgb(ImageOps.exif_transpose(image))
     if isinstance(image, np.ndarray):
         return _from_array(image)
     if isinstance(image, (str, os.PathLike)):
@@ -85,6 +87,8 @@ def load_image(image) -> Image.Image:
 
 
 def _open_path(path: Path) -> Image.Image:
+    if path.is_dir():
+        raise ValueError(f"image file not found: {path} is a directory, not an image file; give the path of an image file")
     if not path.is_file():
         raise ValueError(f"image file not found: {path}")
     try:
@@ -92,7 +96,7 @@ def _open_path(path: Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 opened.load()
-                return _to_uint8_rgb(opened)
+                return _to_uint8_rgb(ImageOps.exif_transpose(opened))
     except Image.DecompressionBombError:
         raise ValueError(f"{path} has more than {MAX_IMAGE_PIXELS} pixels; downscale it first") from None
     except UnidentifiedImageError:

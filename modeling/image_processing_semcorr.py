@@ -13,6 +13,22 @@ from transformers.processing_utils import ImagesKwargs
 from .image_io import load_image
 
 
+#: How every image is resized for a model, in training and inference alike.
+RESAMPLE = Image.BILINEAR
+
+
+def image_to_unit_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """An RGB PIL image resized to ``size = (height, width)`` as a float ``(3, H, W)`` tensor in ``[0, 1]``.
+
+    The one resizing rule of semcorr (bilinear; ``reducing_gap=3`` first reduces a large photo by an
+    integer factor with a box filter, which is both faster and free of aliasing). The image processor
+    normalises its output; training code warps it first (synthetic pairs) and normalises after.
+    """
+    height, width = size
+    resized = image.resize((width, height), RESAMPLE, reducing_gap=3.0)
+    return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+
+
 class SemanticCorrespondenceImageProcessorKwargs(ImagesKwargs, total=False):
     keypoint_tolerance: float
 
@@ -26,18 +42,25 @@ def validate_keypoints(keypoints, image_size: tuple[int, int], name: str = "sour
         tolerance: how far outside ``[0, width] x [0, height]`` a point may lie, in pixels.
 
     Raises:
-        ValueError: wrong shape, NaN/inf, or a point outside the image (the first one is named).
+        ValueError: wrong shape or type (a ragged list, strings, wrong nesting: the message says which
+            point and shows the expected ``[[x, y], ...]``), NaN/inf, or a point outside the image
+            (the first one is named).
     """
     if isinstance(keypoints, torch.Tensor):
         keypoints = keypoints.detach().cpu().numpy()
-    try:
-        array = np.asarray(keypoints, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a list of (x, y) pairs, got {type(keypoints).__name__}") from None
+    problem = _string_problem(keypoints)
+    if problem is None:
+        try:
+            array = np.asarray(keypoints, dtype=np.float64)
+        except (TypeError, ValueError):  # ragged rows, a None or an object among the values, ...
+            problem = _keypoint_structure_problem(keypoints) or f"got a {type(keypoints).__name__} of non-numbers"
+    if problem is not None:
+        raise ValueError(f"{name} must be a list of (x, y) pairs like [[x, y], ...] in pixels; {problem}")
     if array.size == 0:
         return np.zeros((0, 2), dtype=np.float32)
     if array.ndim != 2 or array.shape[1] != 2:
-        raise ValueError(f"{name} must have shape (N, 2) as (x, y) pixels, got shape {array.shape}")
+        hint = "; a single point is written [[x, y]]" if array.shape == (2,) else ""
+        raise ValueError(f"{name} must have shape (N, 2) as (x, y) pixels like [[x, y], ...], got shape {array.shape}{hint}")
     bad = ~np.isfinite(array).all(axis=1)
     if bad.any():
         index = int(np.flatnonzero(bad)[0])
@@ -56,6 +79,91 @@ def validate_keypoints(keypoints, image_size: tuple[int, int], name: str = "sour
     return array.astype(np.float32)
 
 
+def _string_problem(keypoints) -> str | None:
+    """Strings where numbers belong (numpy would quietly parse ``"12"``), described; else None."""
+    if isinstance(keypoints, (str, bytes)):
+        return f"got the string {keypoints!r} (parse it into numbers first)"
+    if isinstance(keypoints, np.ndarray):
+        return f"got an array of strings (dtype {keypoints.dtype}); convert it to numbers first" if keypoints.dtype.kind in "US" else None
+    if not isinstance(keypoints, (list, tuple)):
+        return None
+    for index, point in enumerate(keypoints):
+        if isinstance(point, (str, bytes)):
+            return f"point {index} is the string {point!r}, not [x, y]"
+        if isinstance(point, (list, tuple)):
+            for value in point:
+                if isinstance(value, (str, bytes)):
+                    return f"point {index} = {_short(point)} holds the string {value!r}, not a number"
+    return None
+
+
+def _keypoint_structure_problem(keypoints) -> str | None:
+    """What is wrong with a keypoint list numpy cannot read as numbers (ragged rows, mixed nesting), or None."""
+    if keypoints is None or isinstance(keypoints, (dict, set)) or not hasattr(keypoints, "__len__"):
+        return f"got {type(keypoints).__name__}"
+    for index, point in enumerate(keypoints):
+        if isinstance(point, torch.Tensor):
+            point = point.detach().cpu().numpy()
+        if not hasattr(point, "__len__"):
+            return (f"point {index} is the single value {point!r}, not [x, y] (wrong nesting: a single point is "
+                    "written [[x, y]])")
+        if len(point) != 2:
+            return f"point {index} = {_short(point)} has {len(point)} values, not 2 (a ragged list?)"
+        for value in point:
+            if hasattr(value, "__len__") and np.ndim(value) != 0:
+                return (f"point {index} = {_short(point)} holds the sequence {_short(value)}, not a number "
+                        "(wrong nesting: each point is [x, y])")
+            try:
+                float(value)
+            except (TypeError, ValueError):
+                return f"point {index} = {_short(point)} holds {value!r} ({type(value).__name__}), not a number"
+    return None
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def pad_keypoints(keypoint_sets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack keypoint sets of different lengths into one zero-padded batch, as ``match()`` takes them.
+
+    Args:
+        keypoint_sets: ``B`` sets of ``(N_i, 2)`` (x, y) points (lists, numpy or torch; None or
+            empty for a set without points).
+
+    Returns:
+        ``(padded, mask)``: ``padded`` ``(B, N_max, 2)`` float32 on the CPU, ``mask`` ``(B, N_max)``
+        bool, True for a real point. Padding rows and non-finite points (NaN marks an unannotated
+        keypoint) are 0 in ``padded`` and False in ``mask``, so a model never sees a NaN.
+        ``N_max >= 1`` even when every set is empty, because models cannot index a width-0 batch.
+
+    Raises:
+        ValueError: a set that is not ``(N, 2)``; the message names its index.
+    """
+    points = [_point_rows(keypoints, index) for index, keypoints in enumerate(keypoint_sets)]
+    width = max([len(rows) for rows in points] + [1])
+    padded = torch.zeros(len(points), width, 2)
+    mask = torch.zeros(len(points), width, dtype=torch.bool)
+    for row, rows in enumerate(points):
+        finite = torch.isfinite(rows).all(dim=1)
+        padded[row, : len(rows)] = torch.where(finite[:, None], rows, torch.zeros(()))
+        mask[row, : len(rows)] = finite
+    return padded, mask
+
+
+def _point_rows(keypoints, index: int) -> torch.Tensor:
+    """One keypoint set as a float32 ``(N, 2)`` CPU tensor (``(0, 2)`` for None or empty)."""
+    if isinstance(keypoints, torch.Tensor):
+        keypoints = keypoints.detach().cpu().float()
+    points = torch.as_tensor(np.asarray([] if keypoints is None else keypoints, dtype=np.float32))
+    if points.numel() == 0:
+        return torch.zeros(0, 2)
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"keypoint set {index} must have shape (N, 2) as (x, y) pixels, got shape {tuple(points.shape)}")
+    return points
+
+
 class SemanticCorrespondenceImageProcessor(BaseImageProcessor):
     r"""Prepares images for semcorr matchers and maps keypoints between original and model pixels.
 
@@ -71,7 +179,7 @@ class SemanticCorrespondenceImageProcessor(BaseImageProcessor):
 
     valid_kwargs = SemanticCorrespondenceImageProcessorKwargs
     model_input_names = ["pixel_values"]
-    resample = Image.BILINEAR
+    resample = RESAMPLE
 
     def __init__(
         self,
@@ -99,12 +207,13 @@ class SemanticCorrespondenceImageProcessor(BaseImageProcessor):
         return self.size["height"], self.size["width"]
 
     def _to_tensor(self, image: Image.Image) -> torch.Tensor:
-        height, width = self.model_size
-        resized = image.resize((width, height), self.resample, reducing_gap=3.0)
-        array = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
-        mean = torch.tensor(self.image_mean).view(3, 1, 1)
-        std = torch.tensor(self.image_std).view(3, 1, 1)
-        return (array - mean) / std
+        return self.normalize(image_to_unit_tensor(image, self.model_size))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(..., 3, H, W)`` values in ``[0, 1]`` -> the model's input normalisation."""
+        mean = torch.tensor(self.image_mean, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(self.image_std, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+        return (pixels - mean) / std
 
     def preprocess(self, images, keypoints=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
         """Resize and normalise images (and map their keypoints into model pixels).
@@ -159,10 +268,21 @@ class SemanticCorrespondenceImageProcessor(BaseImageProcessor):
         points = torch.as_tensor(np.asarray(keypoints, dtype=np.float32) if not isinstance(keypoints, torch.Tensor) else keypoints).float()
         return points * self._scale(original_size, points)
 
-    def keypoints_to_original(self, keypoints, original_size: tuple[int, int]) -> torch.Tensor:
-        """``(..., 2)`` model-input pixels -> original pixels of an image of ``original_size = (h, w)``."""
+    def keypoints_to_original(self, keypoints, original_size: tuple[int, int], clamp: bool = True) -> torch.Tensor:
+        """``(..., 2)`` model-input pixels -> original pixels of an image of ``original_size = (h, w)``.
+
+        With ``clamp`` (default) the points are clamped to the image, ``x`` to ``[0, width]`` and
+        ``y`` to ``[0, height]``: whatever a model predicts (a point a hair outside its input, from
+        rounding or extrapolation), every point the pipeline returns lies on the image. NaN stays
+        NaN. The evaluation passes ``clamp=False``: PCK scores the model's own prediction.
+        """
         points = torch.as_tensor(keypoints).float()
-        return points / self._scale(original_size, points)
+        original = points / self._scale(original_size, points)
+        if not clamp:
+            return original
+        height, width = (float(v) for v in original_size)
+        upper = torch.tensor([width, height], dtype=original.dtype, device=original.device)
+        return torch.minimum(torch.maximum(original, torch.zeros_like(upper)), upper)
 
     def preprocess_pairs(self, source_images, target_images, source_keypoints=None) -> BatchFeature:
         """Preprocess aligned lists of source and target images.

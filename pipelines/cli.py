@@ -1,6 +1,11 @@
 """The ``semcorr`` command line: ``match``, ``demo``, ``evaluate``.
 
 Bad input prints one line to stderr and exits with status 2; no traceback.
+
+Arguments are parsed before anything heavy is imported (torch, transformers, datasets are
+imported by the command that needs them), so ``semcorr --help`` and usage errors answer at once.
+What can be checked without a model -- option values, that ``--out`` can be written -- is checked
+before the model is loaded, so a bad option never costs a run.
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,8 +51,11 @@ def _build_parser() -> argparse.ArgumentParser:
     match.add_argument("--keypoints", help="source points 'x,y;x,y' in source pixels (default: top-k mutual matches)")
     match.add_argument("--top-k", type=int, default=50, help="matches to return without --keypoints (default 50)")
     match.add_argument("--model", help="model directory or Hub id (default: the embedded model)")
-    match.add_argument("--out", default="matches.png", help="picture of the matches (default matches.png; '' to skip)")
-    match.add_argument("--json", action="store_true", help="print the matches as JSON")
+    match.add_argument(
+        "--out", help="write a picture of the matches to this file (default: matches.png when neither --json nor "
+        "--out is given; with --json, no picture unless --out is given; '' for no picture)",
+    )
+    match.add_argument("--json", action="store_true", help="print the matches as JSON (writes no picture unless --out)")
 
     demo = commands.add_parser("demo", help="accuracy of the embedded model on real pairs with known matches")
     demo.add_argument("--out", default="demo.png")
@@ -62,53 +71,79 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _match(args) -> None:
-    from transformers import pipeline
-
-    from semcorr.pipelines import default_pipeline, draw_matches
-    from semcorr.pipelines.demo import save_image_atomically
-
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
-    request = {"source_image": args.source, "target_image": args.target}
-    if args.keypoints:
-        request["source_keypoints"] = parse_keypoints(args.keypoints)
-    pipe = pipeline("semantic-correspondence", model=args.model) if args.model else default_pipeline()
-    result = pipe(request, top_k=args.top_k)
+    keypoints = None if args.keypoints is None else parse_keypoints(args.keypoints)
+    out = args.out if args.out is not None else (None if args.json else "matches.png")
+    if out:
+        check_writable(out)
+    _quiet_libraries()
+
+    from transformers import pipeline
+
+    from semcorr.modeling import load_image, load_matcher
+    from semcorr.pipelines import TASK, draw_matches
+    from semcorr.pipelines.drawing import save_image
+
+    # read both images before the model: a bad file fails at once, and each is decoded once
+    source, target = load_image(args.source), load_image(args.target)
+    request = {"source_image": source, "target_image": target}
+    if keypoints is not None:
+        request["source_keypoints"] = keypoints
+    model, processor, _ = load_matcher(args.model or None)  # None: the embedded default
+    result = pipeline(TASK, model=model, image_processor=processor)(request, top_k=args.top_k)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{'source x':>10}{'source y':>10}{'target x':>10}{'target y':>10}{'score':>8}")
         for (sx, sy), (tx, ty), score in zip(result["source_keypoints"], result["target_keypoints"], result["scores"]):
             print(f"{sx:>10.1f}{sy:>10.1f}{tx:>10.1f}{ty:>10.1f}{score:>8.3f}")
-    if args.out:
-        path = save_image_atomically(draw_matches(args.source, args.target, result), args.out)
+    if out:
+        path = save_image(draw_matches(source, target, result), out)
         print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
 
 
+def check_writable(path) -> None:
+    """:func:`semcorr.utils.check_writable` (``ValueError`` naming ``path``), before any work is done."""
+    from semcorr.utils import check_writable as check
+
+    check(path)
+
+
 def _quiet_libraries() -> None:
-    """One line per error on stderr: no progress bars or info logs from the libraries."""
+    """One line per error on stderr: no progress bars or info logs from the libraries (imports transformers)."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the command line: ``semcorr: warning: ...`` on one line of stderr."""
+    text = " ".join(str(message).split())
+    print(f"semcorr: warning: {text}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        _quiet_libraries()
-        args = _build_parser().parse_args(argv)
-        if args.command == "match":
-            _match(args)
-        elif args.command == "demo":
-            from .demo import run_demo
+        args = _build_parser().parse_args(argv)  # before any heavy import: --help and usage errors are instant
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            if args.command == "match":
+                _match(args)
+            elif args.command == "demo":
+                if args.points < 1:
+                    raise ValueError(f"--points must be at least 1, got {args.points}")
+                if args.out:
+                    check_writable(args.out)
+                _quiet_libraries()
+                from .demo import run_demo
 
-            if args.points < 1:
-                raise ValueError(f"--points must be at least 1, got {args.points}")
-            run_demo(args.out, args.points, args.seed, model=args.model)
-        else:
-            from .evaluation import run_evaluate_command
+                run_demo(args.out, args.points, args.seed, model=args.model)
+            else:
+                from .evaluation import run_evaluate_command
 
-            run_evaluate_command(args)
+                run_evaluate_command(args, before_work=_quiet_libraries)
     except _UsageError as error:
         print(str(error), file=sys.stderr)
         return 2

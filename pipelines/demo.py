@@ -1,81 +1,238 @@
-"""``semcorr demo``: the embedded default on real image pairs with known correspondence."""
+"""``semcorr demo``: the embedded default on real image pairs with known correspondence.
+
+Three pairs, all shipped by installed packages (nothing is downloaded):
+
+* **stereo**: scikit-image's Middlebury *motorcycle* pair, ground truth from its disparity map;
+* **affine warp**: scikit-image's *chelsea* and a seeded random affine warp of it;
+* **cross-instance**: two *different animals* of the big-cat validation set
+  (:mod:`semcorr.hub_datasets.bigcats`), their annotated keypoints (eyes, nose, mouth, ears)
+  transferred from one to the other -- what semantic correspondence is for. Three of its photos
+  come with gradio; without it the row says how to get them.
+
+The picture stacks one panel per pair under a caption: the dense pairs show a spread-out subset of
+their points, the cross-instance pair every keypoint with its name, each line green where the
+transfer is correct and red where it is not (the convention of the papers' qualitative figures).
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+from .drawing import panel_sizes, save_image
 
 ALPHAS = (0.05, 0.1)
+#: The cross-instance pair drawn and scored: (source, target) keys of the big-cat set.
+CROSS_INSTANCE_PAIR = ("chelsea", "cheetah2")
+#: Alpha at which a drawn point counts as correct: dense same-scene pairs / the cross-instance pair.
+DENSE_ALPHA, CROSS_ALPHA = 0.05, 0.1
+#: Points drawn per dense pair (farthest-point subset of the scored ones).
+DENSE_SHOWN = 40
+#: Height of every image on the picture, in pixels.
+PANEL_HEIGHT = 360
+CAPTION_HEIGHT = 30
+GREEN, RED = (26, 152, 80), (215, 48, 39)
+GRADIO_HINT = 'needs gradio, which ships the photos: pip install "semcorr[demo]" (or pip install gradio)'
 
 
-def _pck(predicted: np.ndarray, truth: np.ndarray, image_size: tuple[int, int]) -> dict[str, float]:
+@dataclass
+class PairResult:
+    """What the demo measured on one pair, and where it drew it.
+
+    Attributes:
+        name: the row's name.
+        pck: ``{alpha: PCK}`` (threshold: alpha x the target image's longer side); None when skipped.
+        points: number of scored points.
+        skipped: why the pair was not run (``None`` when it was).
+        source_keypoints: ``(N, 2)`` source points, source pixels.
+        predicted: ``(N, 2)`` transferred points, target pixels; ``truth``: the ground truth.
+        correct: per point, within ``alpha_drawn`` x the target's longer side.
+        shown: indices of the drawn points; ``keypoint_names``: names of the points (cross-instance).
+        source_xy, target_xy: where each drawn point's dot is on the picture, ``(len(shown), 2)``.
+    """
+
+    name: str
+    pck: dict | None = None
+    points: int = 0
+    skipped: str | None = None
+    source_keypoints: np.ndarray | None = None
+    predicted: np.ndarray | None = None
+    truth: np.ndarray | None = None
+    correct: np.ndarray | None = None
+    alpha_drawn: float = DENSE_ALPHA
+    shown: np.ndarray | None = None
+    keypoint_names: tuple = ()
+    source_xy: np.ndarray | None = field(default=None, repr=False)
+    target_xy: np.ndarray | None = field(default=None, repr=False)
+
+
+def _pck(predicted: np.ndarray, truth: np.ndarray, image_size: tuple[int, int]) -> dict[float, float]:
     from semcorr.spaces.pck import compute_pck
 
     result = compute_pck([predicted], [truth], alphas=list(ALPHAS), threshold="image", average="point", image_sizes=[image_size])
     return {alpha: result[f"pck@{alpha:g}"] for alpha in ALPHAS}
 
 
-def save_image_atomically(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Write ``image`` next to ``path`` under a temporary name, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix or ".png"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix)
-    os.close(fd)
+def spread_subset(points: np.ndarray, count: int) -> np.ndarray:
+    """Indices of ``count`` well spread ``points`` (farthest-point sampling from the most central one)."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if count >= len(points):
+        return np.arange(len(points))
+    chosen = [int(np.argmin(np.linalg.norm(points - points.mean(axis=0), axis=1)))]
+    distance = np.linalg.norm(points - points[chosen[0]], axis=1)
+    while len(chosen) < count:
+        chosen.append(int(np.argmax(distance)))
+        distance = np.minimum(distance, np.linalg.norm(points - points[chosen[-1]], axis=1))
+    return np.array(chosen)
+
+
+def _font(size: int):
     try:
-        image.save(tmp, format=Image.registered_extensions().get(suffix.lower(), "PNG"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a picture should get ordinary permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
 
 
-def run_demo(out: str | os.PathLike = "demo.png", num_points: int = 500, seed: int = 0, model=None, print_fn=print) -> dict:
-    """Match the scikit-image stereo pair and a random affine warp of ``chelsea``.
+def _caption(text: str, width: int) -> Image.Image:
+    band = Image.new("RGB", (width, CAPTION_HEIGHT), "white")
+    ImageDraw.Draw(band).text((8, CAPTION_HEIGHT // 2), text, fill=(30, 30, 30), font=_font(16), anchor="lm")
+    return band
 
-    Prints PCK@0.05 and PCK@0.1 (threshold: alpha x the longest side of the target image) on
-    ``num_points`` ground-truth correspondences per pair and writes a picture of the matches,
-    lines green where correct at alpha = 0.05 and red where not.
+
+def _draw_pair(source: Image.Image, target: Image.Image, result: PairResult) -> Image.Image:
+    """One panel: the images side by side at :data:`PANEL_HEIGHT`, a line per drawn point.
+
+    Records in ``result.source_xy`` / ``target_xy`` where each dot is on the panel.
+    """
+    (left_w, height), (right_w, _) = panel_sizes(source.size, target.size, PANEL_HEIGHT)
+    # Both images at PANEL_HEIGHT, even small ones (the cats are 256 pixels high), so every pair reads alike.
+    scale_source = np.array([left_w / source.width, height / source.height])
+    scale_target = np.array([right_w / target.width, height / target.height])
+    if height < PANEL_HEIGHT:
+        factor = PANEL_HEIGHT / height
+        left_w, right_w, height = round(left_w * factor), round(right_w * factor), PANEL_HEIGHT
+        scale_source, scale_target = scale_source * factor, scale_target * factor
+    canvas = Image.new("RGB", (left_w + right_w, height), "white")
+    canvas.paste(source.resize((left_w, height), Image.BILINEAR, reducing_gap=3.0), (0, 0))
+    canvas.paste(target.resize((right_w, height), Image.BILINEAR, reducing_gap=3.0), (left_w, 0))
+    draw = ImageDraw.Draw(canvas)
+
+    shown = result.shown
+    source_xy = result.source_keypoints[shown] * scale_source
+    target_xy = result.predicted[shown] * scale_target + [left_w, 0]
+    colors = [GREEN if ok else RED for ok in result.correct[shown]]
+    named = bool(result.keypoint_names)
+    width, radius = (3, 6) if named else (2, 4)
+    if named:  # the annotated target points: a ring of the PCK radius around each, in white
+        truth_xy = result.truth[shown] * scale_target + [left_w, 0]
+        ring = result.alpha_drawn * max(target.size) * scale_target[1]
+        for x, y in truth_xy:
+            draw.ellipse([x - ring, y - ring, x + ring, y + ring], outline=(255, 255, 255), width=1)
+            draw.line([(x - 5, y), (x + 5, y)], fill=(255, 255, 255), width=2)
+            draw.line([(x, y - 5), (x, y + 5)], fill=(255, 255, 255), width=2)
+    order = np.argsort(result.correct[shown], kind="stable")  # wrong ones first: correct lines on top
+    for index in order:
+        draw.line([tuple(source_xy[index]), tuple(target_xy[index])], fill=colors[index], width=width)
+    if named:
+        font = _font(15)
+        for index in order:
+            name = result.keypoint_names[shown[index]]
+            for x, y in (source_xy[index], target_xy[index]):
+                draw.text((x + radius + 3, y - radius - 3), name, fill=(255, 255, 255), font=font, anchor="ld",
+                          stroke_width=2, stroke_fill=(0, 0, 0))
+    for index in order:  # dots last, so each keeps its colour under any line or label
+        for x, y in (source_xy[index], target_xy[index]):
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colors[index], outline="white")
+    result.source_xy, result.target_xy = source_xy, target_xy
+    return canvas
+
+
+def _cross_instance_pair():
+    """The cross-instance :class:`~semcorr.hub_datasets.bigcats.NamedKeypointPair` (raises without gradio)."""
+    from semcorr.hub_datasets.bigcats import bigcat_pairs, load_bigcats
+
+    images = load_bigcats()
+    wanted = f"{CROSS_INSTANCE_PAIR[0]} -> {CROSS_INSTANCE_PAIR[1]}"
+    return next(pair for pair in bigcat_pairs(images) if pair.name == wanted)
+
+
+def run_demo(out: str | os.PathLike = "demo.png", num_points: int = 500, seed: int = 0, model=None, print_fn=print,
+             num_shown: int = DENSE_SHOWN) -> dict[str, PairResult]:
+    """Match the stereo pair, an affine warp of ``chelsea`` and two different animals; print PCK; draw them.
+
+    Prints one row per pair: PCK@0.05 and PCK@0.1 (threshold: alpha x the longest side of the target
+    image) on ``num_points`` ground-truth correspondences of each dense pair and on the annotated
+    keypoints of the cross-instance pair. Writes ``out``: ``num_shown`` well spread points per dense
+    pair (green when correct at alpha = 0.05, red when not) and every keypoint of the cross-instance
+    pair with its name (green when correct at alpha = 0.1, red when not; the white ring around each
+    annotated point is that 0.1 radius).
 
     Returns:
-        ``{pair name: {alpha: pck}}``.
+        ``{row name: PairResult}``; ``result.pck`` is ``{alpha: pck}``.
     """
-    from semcorr.hub_datasets.skimage_pairs import affine_pair, stereo_pair
-    from semcorr.pipelines import default_pipeline, draw_matches
     from transformers import pipeline
 
-    pipe = default_pipeline() if model is None else pipeline("semantic-correspondence", model=model)
+    from semcorr.hub_datasets.bigcats import BigCatsUnavailableError
+    from semcorr.hub_datasets.skimage_pairs import affine_pair, stereo_pair
+    from semcorr.modeling import load_matcher
+    from semcorr.pipelines import TASK
+
+    matcher, processor, _ = load_matcher(model)  # None: the embedded default
+    pipe = pipeline(TASK, model=matcher, image_processor=processor)
     pairs = [stereo_pair(num_points, seed), affine_pair(num_points=num_points, seed=seed)]
+    try:
+        cross = _cross_instance_pair()
+        cross.name = f"cats: {CROSS_INSTANCE_PAIR[0]} -> {CROSS_INSTANCE_PAIR[1]}"
+        pairs.append(cross)
+    except BigCatsUnavailableError:
+        cross = None
+
     results, panels = {}, []
     print_fn(f"{'pair':<24}{'points':>8}{'PCK@0.05':>10}{'PCK@0.1':>10}")
     for pair in pairs:
         output = pipe({"source_image": pair.source_image, "target_image": pair.target_image,
                        "source_keypoints": pair.source_keypoints})
         predicted = np.asarray(output["target_keypoints"], dtype=np.float64)
+        truth = np.asarray(pair.target_keypoints, dtype=np.float64)
         size = (pair.target_image.height, pair.target_image.width)
-        scores = _pck(predicted, pair.target_keypoints, size)
-        results[pair.name] = scores
+        scores = _pck(predicted, truth, size)
         print_fn(f"{pair.name:<24}{len(predicted):>8}{scores[0.05]:>10.3f}{scores[0.1]:>10.3f}")
-        shown = slice(0, 80)
-        error = np.linalg.norm(predicted - pair.target_keypoints, axis=1)
-        colors = [(26, 152, 80) if e <= 0.05 * max(size) else (215, 48, 39) for e in error[shown]]
-        subset = {"source_keypoints": pair.source_keypoints[shown], "target_keypoints": predicted[shown],
-                  "scores": output["scores"][shown]}
-        panels.append(draw_matches(pair.source_image, pair.target_image, subset, max_height=360, colors=colors))
-    width = max(panel.width for panel in panels)
-    canvas = Image.new("RGB", (width, sum(panel.height for panel in panels)), "white")
+        names = tuple(getattr(pair, "keypoint_names", ()))
+        alpha = CROSS_ALPHA if names else DENSE_ALPHA
+        result = PairResult(
+            pair.name, scores, len(predicted), source_keypoints=np.asarray(pair.source_keypoints, dtype=np.float64),
+            predicted=predicted, truth=truth,
+            correct=np.linalg.norm(predicted - truth, axis=1) <= alpha * max(size), alpha_drawn=alpha,
+            shown=np.arange(len(predicted)) if names else spread_subset(pair.source_keypoints, num_shown),
+            keypoint_names=names,
+        )
+        results[pair.name] = result
+        panel = _draw_pair(pair.source_image, pair.target_image, result)
+        if names:
+            text = (f"Different animals: {CROSS_INSTANCE_PAIR[0]} -> {CROSS_INSTANCE_PAIR[1]}, annotated keypoints. "
+                    f"PCK@0.1 {scores[0.1]:.2f} ({int(result.correct.sum())}/{len(predicted)}); "
+                    "green: within the ring (0.1 x longer side)")
+        else:
+            text = (f"{pair.name.capitalize()}: {len(result.shown)} of {len(predicted)} points shown. "
+                    f"PCK@0.05 {scores[0.05]:.3f}; green: within 0.05 x longer side, red: not")
+        panels.append((result, _caption(text, panel.width), panel))
+    if cross is None:
+        name = "cats (cross-instance)"
+        print_fn(f"{name:<24}{'-':>8}  {GRADIO_HINT}")
+        results[name] = PairResult(name, skipped=GRADIO_HINT)
+
+    width = max(panel.width for _, _, panel in panels)
+    canvas = Image.new("RGB", (width, sum(caption.height + panel.height for _, caption, panel in panels)), "white")
     top = 0
-    for panel in panels:
+    for result, caption, panel in panels:
+        canvas.paste(caption, (0, top))
+        top += caption.height
         canvas.paste(panel, (0, top))
+        result.source_xy, result.target_xy = result.source_xy + [0, top], result.target_xy + [0, top]
         top += panel.height
-    path = save_image_atomically(canvas, out)
+    path = save_image(canvas, out)
     print_fn(f"wrote {path}")
     return results

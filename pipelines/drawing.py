@@ -1,11 +1,15 @@
-"""Pictures of matches: the two images side by side, one line per match, coloured by score."""
+"""Pictures of matches: the two images side by side, one line per match, coloured by score; and saving them."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from semcorr.modeling.image_io import load_image
+from semcorr.utils import atomic_save
 
 # Low -> high score: red, orange, yellow, green (readable on photos, and for red-green colour
 # blindness the brightness still rises with the score).
@@ -21,24 +25,62 @@ def score_color(score: float) -> tuple[int, int, int]:
     return tuple(int(round(v)) for v in (1 - mix) * _STOPS[low] + mix * _STOPS[high])
 
 
+#: Longest side of a match picture, whatever the images' aspect ratios.
+MAX_CANVAS_SIDE = 4096
+#: Fewest pixels an image gets on a match picture, across and down (a 10000 x 1 strip stays visible).
+MIN_PANEL_SIDE = 8
+#: Least height the pair is shrunk to, to keep a very wide pair undistorted, before wide images are squeezed.
+_MIN_SHRUNK_HEIGHT = 64
+
+
+def panel_sizes(source_size, target_size, max_height: int = 480) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((width, height), (width, height))`` of the source and target on a match picture.
+
+    Both images get one height -- the taller one's, at most ``max_height`` -- and keep their
+    aspect ratio while the picture fits in :data:`MAX_CANVAS_SIDE` x :data:`MAX_CANVAS_SIDE`. A
+    pair too wide for that is drawn lower when 64 pixels or more remain; otherwise (a 10000 x 1
+    strip) the wider image is squeezed horizontally into what the other leaves. No image is drawn
+    less than :data:`MIN_PANEL_SIDE` pixels across or down.
+
+    Args:
+        source_size, target_size: ``(width, height)`` of the images.
+    """
+    (source_w, source_h), (target_w, target_h) = source_size, target_size
+    height = int(min(max(int(max_height), 1), max(source_h, target_h), MAX_CANVAS_SIDE))
+    height = max(height, MIN_PANEL_SIDE)
+    natural = source_w * height / source_h + target_w * height / target_h
+    fitted = int(height * MAX_CANVAS_SIDE / natural)
+    if natural > MAX_CANVAS_SIDE and fitted >= min(height, _MIN_SHRUNK_HEIGHT):  # lower the pair, undistorted
+        height = max(fitted, MIN_PANEL_SIDE)
+    widths = [max(MIN_PANEL_SIDE, round(w * height / h)) for w, h in ((source_w, source_h), (target_w, target_h))]
+    if sum(widths) > MAX_CANVAS_SIDE:  # still too wide: squeeze the wider image into what the other leaves
+        narrow = min(range(2), key=lambda i: widths[i])
+        widths[narrow] = min(widths[narrow], MAX_CANVAS_SIDE // 2)
+        widths[1 - narrow] = MAX_CANVAS_SIDE - widths[narrow]
+    return (widths[0], height), (widths[1], height)
+
+
 def draw_matches(source, target, result: dict, max_height: int = 480, line_width: int = 2, colors=None) -> Image.Image:
     """Draw ``result`` (a pipeline output) between the two images.
 
     Args:
         source, target: the images (paths, PIL images or arrays) the result refers to.
         result: ``{"source_keypoints": [[x, y], ...], "target_keypoints": [...], "scores": [...]}``.
-        max_height: both images are scaled to this height (or their own height if smaller).
+        max_height: both images are scaled to this height (or their own height if smaller); the
+            picture never exceeds :data:`MAX_CANVAS_SIDE` on either side, however thin or wide the
+            images (see :func:`panel_sizes`).
         colors: optional list of RGB tuples, one per match, overriding the score colours.
 
     Returns:
         An RGB PIL image: source on the left, target on the right, lines from each source point
-        to its match.
+        to its match (each point where it lies on its image, whatever the scaling).
     """
     source, target = load_image(source), load_image(target)
-    height = min(max_height, max(source.height, target.height))
-    scale_source, scale_target = height / source.height, height / target.height
-    left = source.resize((max(1, round(source.width * scale_source)), height), Image.BILINEAR)
-    right = target.resize((max(1, round(target.width * scale_target)), height), Image.BILINEAR)
+    (left_w, height), (right_w, _) = panel_sizes(source.size, target.size, max_height)
+    left = source.resize((left_w, height), Image.BILINEAR, reducing_gap=3.0)
+    right = target.resize((right_w, height), Image.BILINEAR, reducing_gap=3.0)
+    scale_source = np.array([left_w / source.width, height / source.height])
+    scale_target = np.array([right_w / target.width, height / target.height])
     canvas = Image.new("RGB", (left.width + right.width, height), "white")
     canvas.paste(left, (0, 0))
     canvas.paste(right, (left.width, 0))
@@ -60,3 +102,12 @@ def draw_matches(source, target, result: dict, max_height: int = 480, line_width
         for x, y in ((sx, sy), (tx, ty)):
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=color, outline="white")
     return canvas
+
+
+def save_image(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write ``image`` to ``path`` atomically, in the format its extension names (PNG when it names none).
+
+    Returns ``path``; the file gets ordinary permissions (``0o666`` minus the umask).
+    """
+    image_format = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    return atomic_save(path, lambda temporary: image.save(temporary, format=image_format))

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from transformers import Pipeline
 
-from semcorr.modeling import image_processor_for, select_mutual_matches, validate_keypoints
+from semcorr.modeling import image_processor_for, pad_keypoints, select_mutual_matches, validate_keypoints
 from semcorr.modeling.ops.geometry import grid_to_pixels
 from semcorr.modeling.image_io import load_image
 
@@ -60,8 +60,9 @@ class SemanticCorrespondencePipeline(Pipeline):
         items = [inputs] if single else list(inputs)
         for index, item in enumerate(items):
             _check_item(item, index)
-        batch_size = batch_size or self._batch_size or 8
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if batch_size is None:
+            batch_size = self._batch_size if self._batch_size is not None else 8
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         _, forward_params, _ = self._sanitize_parameters(**kwargs)
         results = []
@@ -164,10 +165,9 @@ def _collate(items: list[dict]) -> dict:
         "target_original_size": torch.stack([item["target_original_size"] for item in items]),
     }
     if items[0]["source_keypoints"] is not None:  # _batches never mixes the two kinds
+        # validate_keypoints admitted only finite points, so each row's count is its number of real points
+        padded, _ = pad_keypoints([item["source_keypoints"] for item in items])
         counts = torch.tensor([len(item["source_keypoints"]) for item in items])
-        padded = torch.zeros(len(items), max(int(counts.max()), 1), 2)
-        for row, item in enumerate(items):
-            padded[row, : len(item["source_keypoints"])] = item["source_keypoints"]
         batch["source_keypoints"], batch["keypoint_counts"] = padded, counts
     else:
         batch["source_keypoints"], batch["keypoint_counts"] = None, None

@@ -17,24 +17,9 @@ STEPS_PER_EPOCH = 2  # 4 PF-PASCAL trn pairs, batch 2
 
 
 @pytest.fixture(scope="module")
-def offline():
-    import datasets
-    import huggingface_hub
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("HF_DATASETS_OFFLINE", "1")
-    mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, offline):
+def setup(tmp_path_factory, datasets_offline_module):
     """A tiny teacher, the PF-PASCAL fixture, the hypotheses and a config file."""
-    from tests.conftest import save_tiny_pmd_teacher
+    from .conftest import save_tiny_pmd_teacher
 
     teacher_dir = save_tiny_pmd_teacher(tmp_path_factory.mktemp("teacher"))
     pascal = write_pf_pascal(tmp_path_factory.mktemp("pascal"))

@@ -3,7 +3,9 @@
 The fixture images are random noise, so the embedded model's PCK on them says nothing about its
 accuracy; these tests check the plumbing: loading, batching, keypoint mapping both ways, the
 judged side, the per-category table and the JSON file. A pair whose target is its own source is
-the oracle case: any sensible matcher must transfer every keypoint onto itself.
+the oracle case: any sensible matcher must transfer every keypoint onto itself. The PCK values
+themselves are checked against answers computed by hand: a stub matcher plants errors of known
+size (fractions of each protocol's threshold length) on the benchmarks' ground truth.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -20,7 +23,7 @@ from PIL import Image
 
 from semcorr.modeling import CorrespondenceOutput, HyperpixelFlowConfig, image_processor_for
 from semcorr.pipelines.cli import main
-from semcorr.pipelines.evaluation import evaluate_dataset, evaluate_model, resolve_settings
+from semcorr.evaluation import evaluate_dataset, evaluate_model, resolve_settings
 from semcorr.tests.fixtures_benchmarks import write_pf_pascal, write_pf_willow, write_spair
 
 # The embedded weights at a small input size keep every run well under a second per pair.
@@ -62,10 +65,24 @@ def check_output(out: str, result: dict, bench_name: str) -> None:
     assert set(result["per_category"]) == set(CATEGORIES[bench_name])
     assert sum(row["num_pairs"] for row in result["per_category"].values()) == PAIRS[bench_name]
     assert sum(row["num_points"] for row in result["per_category"].values()) == result["num_points"] > 0
-    for key in ("pck@0.05", "pck@0.1", "pck@0.15"):
-        assert 0.0 <= result["total"][key] <= 1.0
-    assert result["total"]["pck@0.05"] <= result["total"]["pck@0.1"] <= result["total"]["pck@0.15"]
     assert len(result["per_pair"]) == PAIRS[bench_name]
+    # The PCK values (known answers: test_planted_errors_give_the_pck_computed_by_hand) are reported
+    # consistently: the protocol averages per pair, and the table prints the JSON values in percent.
+    keys = list(result["total"])
+    assert keys == ["pck@0.05", "pck@0.1", "pck@0.15"] and result["config"]["average"] == "pair"
+    for key in keys:
+        pairs = [row for row in result["per_pair"] if row["num_points"]]
+        assert result["total"][key] == pytest.approx(np.mean([row[key] for row in pairs]), abs=1e-12)
+        for category, summary in result["per_category"].items():
+            members = [row[key] for row in pairs if row["category"] == category]
+            assert summary[key] == pytest.approx(np.mean(members), abs=1e-12), (category, key)
+    rows = {line.split(" | ")[0][2:]: [cell.strip() for cell in line.strip("| ").split(" | ")[1:]] for line in table}
+    for category, summary in result["per_category"].items():
+        assert rows[category] == [str(summary["num_pairs"]), str(summary["num_points"]),
+                                  *(f"{100 * summary[key]:.1f}" for key in keys)], out
+    total = next(cells for name, cells in rows.items() if name.startswith("**total"))
+    assert total == [str(result["num_pairs"]), str(result["num_points"]),
+                     *(f"{100 * result['total'][key]:.1f}" for key in keys)], out
 
 
 def test_evaluate_default_embedded_model(tmp_path, capsys, semcorr_cache):
@@ -222,6 +239,110 @@ def test_side_swaps_query_and_judged_images():
     source_pixels, target_pixels, queries = cats.calls[0]
     assert source_pixels.mean() > target_pixels.mean()  # the bright target image is now the query
     assert torch.allclose(queries[0], torch.tensor([[3.0, 8.0], [15.0, 40.0], [27.0, 72.0]]) * torch.tensor([96 / 30, 64 / 80]))
+
+
+# -- known answers: a matcher with planted errors ----------------------------------------------------
+#: Errors as fractions of the pair's threshold length L, 4 % either side of each alpha: a length 4 % off
+#: (a box instead of the image, the keypoint extent without its padding point, ...) moves points across.
+#: None equals an alpha, so "<" and "<=" agree.
+PLANTED_ERRORS = (0.0, 0.048, 0.052, 0.096, 0.104, 0.144, 0.156, 0.5)
+ALPHAS = (0.05, 0.1, 0.15)
+
+
+def planted_errors(pair: int, count: int) -> list[float]:
+    """Errors of the ``count`` keypoints of pair number ``pair``: the cycle, started at the pair number."""
+    return [PLANTED_ERRORS[(pair + k) % len(PLANTED_ERRORS)] for k in range(count)]
+
+
+def threshold_length(threshold: str, size, box, points: np.ndarray, padding) -> float:
+    """The PCK length L of one judged image, by the definitions of the protocols' papers/codebases."""
+    if threshold == "image":
+        return float(max(size))  # (h, w)
+    if threshold == "bbox":
+        return float(max(box[2] - box[0], box[3] - box[1]))
+    if threshold == "bbox-kp-padded":
+        points = np.concatenate([points, [[padding, padding]]])
+    return float((points.max(axis=0) - points.min(axis=0)).max())  # "bbox-kp": extent of the keypoints
+
+
+class PlantedErrorMatcher:
+    """A stub matcher that knows the benchmark's answers: it moves each ground-truth keypoint by its
+    :func:`planted_errors` x L pixels along x (judged image, original pixels), so PCK@alpha of a pair is
+    the share of its keypoints whose planted error is within alpha."""
+
+    def __init__(self, rows, side: str, threshold: str, padding, model_size=(64, 96)):
+        height, width = model_size
+        self.config = SimpleNamespace(image_size=[height, width], image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        query, judged = ("source", "target") if side == "target" else ("target", "source")
+        self.queries, self.answers = [], []  # per pair, model-input pixels of the query / judged image
+        for pair, row in enumerate(rows):
+            reference = np.asarray(row[f"{judged}_keypoints"], dtype=np.float64)
+            assert np.isfinite(reference).all()
+            length = threshold_length(threshold, row[f"{judged}_image_size"], row[f"{judged}_bbox"], reference, padding)
+            errors = np.array(planted_errors(pair, len(reference)))
+            predicted = reference + np.stack([errors * length, np.zeros_like(errors)], axis=1)
+            (query_h, query_w), (judged_h, judged_w) = row[f"{query}_image_size"], row[f"{judged}_image_size"]
+            self.queries.append(np.asarray(row[f"{query}_keypoints"]) * [width / query_w, height / query_h])
+            self.answers.append(predicted * [width / judged_w, height / judged_h])
+
+    def match(self, source_pixel_values, target_pixel_values, source_keypoints=None):
+        predicted = torch.zeros_like(source_keypoints)
+        for row in range(source_pixel_values.shape[0]):  # the pairs come in dataset order
+            query, answer = self.queries.pop(0), self.answers.pop(0)
+            torch.testing.assert_close(source_keypoints[row, : len(query)], torch.tensor(query, dtype=torch.float32),
+                                       atol=1e-3, rtol=0)  # asked about this pair's query keypoints
+            predicted[row, : len(answer)] = torch.tensor(answer, dtype=torch.float32)
+        return CorrespondenceOutput(target_keypoints=predicted)
+
+
+def expected_pck(counts: list[int], alpha: float) -> list[float]:
+    """Per pair of ``counts[i]`` keypoints: the share whose planted error is within alpha."""
+    return [sum(error <= alpha for error in planted_errors(pair, n)) / n for pair, n in enumerate(counts)]
+
+
+@pytest.mark.parametrize("bench_name, protocol, threshold, padding, side, average", [
+    ("pf-pascal", "hpf", "image", None, "target", "pair"),
+    ("pf-willow", "hpf", "bbox-kp", None, "target", "pair"),
+    ("spair-71k", "hpf", "bbox", None, "target", "pair"),
+    ("pf-willow", "cats", "bbox-kp-padded", -1.0, "source", "pair"),
+    ("spair-71k", "sd-dino", "bbox", None, "target", "category-point"),
+])
+def test_planted_errors_give_the_pck_computed_by_hand(bench_name, protocol, threshold, padding, side, average,
+                                                       tmp_path):
+    from semcorr.hub_datasets import load_benchmark
+
+    root = WRITERS[bench_name](tmp_path)
+    benchmark = load_benchmark(bench_name, str(root), split="test", cache_dir=str(tmp_path / "cache"))
+    rows, names = list(benchmark), benchmark.features["category"].names
+    matcher = PlantedErrorMatcher(rows, side, threshold, padding)
+    result = evaluate_model(matcher, bench_name, root, protocol=protocol, alphas=ALPHAS, batch_size=2,
+                            cache_dir=tmp_path / "cache", progress=False)
+    assert not matcher.answers  # every pair was asked once
+    config = result["config"]
+    assert (config["threshold"], config["padding_value"], config["side"], config["average"]) == (
+        threshold, padding, side, average)
+    categories = [names[row["category"]] for row in rows]
+    counts = [len(row["target_keypoints"]) for row in rows]
+    assert result["num_pairs"] == len(rows) == PAIRS[bench_name] and result["num_points"] == sum(counts)
+    assert [row["category"] for row in result["per_pair"]] == categories
+    assert set(result["per_category"]) == set(CATEGORIES[bench_name])
+    for alpha in ALPHAS:
+        key = f"pck@{alpha:g}"
+        per_pair = expected_pck(counts, alpha)
+        assert [row[key] for row in result["per_pair"]] == pytest.approx(per_pair, abs=1e-12), key
+        by_category = {}
+        for category, count, pck in zip(categories, counts, per_pair):
+            by_category.setdefault(category, []).append((count, pck))
+        if average == "pair":  # mean over pairs
+            expected = {c: np.mean([pck for _, pck in members]) for c, members in by_category.items()}
+            total = np.mean(per_pair)
+        else:  # "category-point": points pooled inside a category, then the mean over categories
+            expected = {c: sum(n * pck for n, pck in members) / sum(n for n, _ in members)
+                        for c, members in by_category.items()}
+            total = np.mean(list(expected.values()))
+        assert result["total"][key] == pytest.approx(total, abs=1e-12), key
+        for category, value in expected.items():
+            assert result["per_category"][category][key] == pytest.approx(value, abs=1e-12), (category, key)
 
 
 def test_missing_data_dir_exits_2_naming_it(tmp_path, capsys):

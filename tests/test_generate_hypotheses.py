@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from semcorr.training import generate_hypotheses as gh
+from semcorr.training.data.hypotheses import FORMAT, load_hypotheses
+from semcorr.utils import ShardStore, sha256_file
 from tests.fixtures_benchmarks import write_pf_pascal
+
+from .conftest import save_tiny_pmd_teacher, torchrun_module
 
 N = 3
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
-    from tests.conftest import save_tiny_pmd_teacher
-
     return save_tiny_pmd_teacher(tmp_path_factory.mktemp("teacher"))
 
 
@@ -41,25 +40,15 @@ def args_for(teacher_dir, pascal_dir, cache_dir, output_dir, *extra):
 
 
 def tensors_of(output_dir):
-    store = gh.load_hypotheses(output_dir)
+    store = load_hypotheses(output_dir)
     return [store[i] for i in range(len(store))]
 
 
 @pytest.fixture(scope="module")
-def first_run(teacher_dir, pascal_dir, cache_dir, tmp_path_factory):
-    import datasets
-    import huggingface_hub
-
-    mp = pytest.MonkeyPatch()  # the datasets_offline fixture, at module scope
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("HF_DATASETS_OFFLINE", "1")
-    mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+def first_run(teacher_dir, pascal_dir, cache_dir, tmp_path_factory, datasets_offline_module):
     output_dir = tmp_path_factory.mktemp("hyps") / "one"
     assert gh.main(args_for(teacher_dir, pascal_dir, cache_dir, output_dir, "--batch-size", 2)) == 0
-    yield output_dir
-    mp.undo()
+    return output_dir
 
 
 def test_shards_index_and_shapes(first_run, pascal_dir, cache_dir):
@@ -74,7 +63,7 @@ def test_shards_index_and_shapes(first_run, pascal_dir, cache_dir):
     for shard, record in enumerate(index["shards"]):
         assert record["file"] == f"shard-{shard:05d}.safetensors"
         sidecar = json.loads((first_run / f"shard-{shard:05d}.json").read_text())
-        assert sidecar["sha256"] == record["sha256"] == gh.file_sha256(first_run / record["file"])
+        assert sidecar["sha256"] == record["sha256"] == sha256_file(first_run / record["file"])
     from safetensors import safe_open
 
     with safe_open(str(first_run / "shard-00000.safetensors"), "pt") as handle:
@@ -82,7 +71,7 @@ def test_shards_index_and_shapes(first_run, pascal_dir, cache_dir):
         assert handle.get_tensor("pair_index").tolist() == [0, 1, 2]
     assert metadata["num_hypotheses"] == str(N) and json.loads(metadata["source_grid_size"]) == [8, 8]
 
-    store = gh.load_hypotheses(first_run)
+    store = load_hypotheses(first_run)
     assert len(store) == num_pairs
     for i in range(num_pairs):
         src_to_trg, trg_to_src = store[i]
@@ -119,7 +108,7 @@ def test_rerun_skips_and_truncated_shard_is_regenerated(first_run, teacher_dir, 
     data = shards[0].read_bytes()
     shards[0].write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt hypotheses shard .*shard-00000"):
-        gh.load_hypotheses(out)
+        load_hypotheses(out)
     (out / "shard-00001.json").unlink()
     assert gh.main(args_for(teacher_dir, pascal_dir, cache_dir, out)) == 0
     assert shards[0].stat().st_size == len(data)
@@ -139,10 +128,12 @@ def test_checksum_mismatch_is_rejected(first_run, tmp_path):
     data[-5] ^= 0xFF  # same size, different content
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="shard-00001.*sha256"):
-        gh.load_hypotheses(out)
-    assert not gh.shard_is_complete(out, 1, json.loads((out / "index.json").read_text())["config"], 3, 4)
+        load_hypotheses(out)
+    index = json.loads((out / "index.json").read_text())
+    store = ShardStore(out, FORMAT, index["config"], index["num_pairs"], index["config"]["shard_size"])
+    assert store.bounds(1) == (3, 4) and not store.is_complete(1) and store.is_complete(0)
     with pytest.raises(ValueError, match="no readable index.json"):
-        gh.load_hypotheses(tmp_path)
+        load_hypotheses(tmp_path)
 
 
 def test_changed_config_in_same_output_dir_is_refused(first_run, teacher_dir, pascal_dir, cache_dir, tmp_path,
@@ -191,13 +182,8 @@ def test_dataset_directory_with_two_image_columns(first_run, teacher_dir, pascal
 
 
 def torchrun(nproc, argv, port):
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1",
-                   "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-         "-m", "semcorr.training.generate_hypotheses", *argv],
-        capture_output=True, text=True, env=environment, timeout=300,
-    )
+    result = torchrun_module("semcorr.training.generate_hypotheses", *argv, nproc=nproc, port=port,
+                             env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -227,9 +213,10 @@ def test_yaml_config_gives_the_same_shards_and_flags_win(first_run, teacher_dir,
                                                          datasets_offline):
     import yaml
 
-    options = dict(teacher=str(teacher_dir), pairs="pf-pascal", data_dir=str(pascal_dir), split="trn",
-                   output_dir=str(tmp_path / "ignored"), num_hypotheses=N, shard_size=3, seed=7,
-                   cache_dir=str(cache_dir), num_threads=1)
+    options = {"data": dict(teacher=str(teacher_dir), pairs="pf-pascal", data_dir=str(pascal_dir), split="trn",
+                            cache_dir=str(cache_dir)),
+               "hypotheses": dict(num_hypotheses=N),
+               "run": dict(output_dir=str(tmp_path / "ignored"), shard_size=3, seed=7, num_threads=1)}
     config = tmp_path / "hyps.yaml"
     config.write_text(yaml.safe_dump(options))
     out = tmp_path / "from-yaml"
@@ -240,9 +227,11 @@ def test_yaml_config_gives_the_same_shards_and_flags_win(first_run, teacher_dir,
 
 
 @pytest.mark.parametrize("content, message", [
-    ("num_hypothesis: 4\n", "unknown option 'num_hypothesis'; valid options:"),
-    ("num_hypotheses: 2.5\n", "option 'num_hypotheses' must be int"),
-    ("seed: 1\n", "--teacher is required"),
+    ("hypotheses:\n  num_hypothesis: 4\n", "unknown key(s) hypotheses.num_hypothesis; valid keys of 'hypotheses':"),
+    ("hypotheses:\n  num_hypotheses: 2.5\n", "hypotheses.num_hypotheses must be int"),
+    ("run:\n  seed: 1\n", "--teacher is required"),
+    ("num_hypotheses: 4\n", "config key 'num_hypotheses' is now 'hypotheses.num_hypotheses'"),  # the old flat file
+    ("seed: 1\n", "config key 'seed' is now 'run.seed'"),
 ])
 def test_bad_yaml_config_exits_2(content, message, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
@@ -252,6 +241,11 @@ def test_bad_yaml_config_exits_2(content, message, tmp_path, capsys):
     assert message in err and "\n" not in err, err
 
 
-def test_published_hypotheses_config_parses():
-    args = gh.parse_args(["--config", "pmd_pf_pascal_hypotheses.yaml"])
-    assert (args.pairs, args.split, args.num_hypotheses) == ("pf-pascal", "trn", 4)
+def test_published_hypotheses_config_parses(tmp_path):
+    teacher = tmp_path / "teacher"  # the published paths do not exist here: point them at stand-ins
+    teacher.mkdir()
+    (teacher / "config.json").write_text("{}")
+    config = gh.HypothesesConfig.load("pmd_pf_pascal_hypotheses.yaml", ["data.teacher=" + str(teacher),
+                                                                          "data.data_dir=" + str(tmp_path)])
+    assert (config.data.pairs, config.data.split, config.hypotheses.num_hypotheses) == ("pf-pascal", "trn", 4)
+    assert (config.run.shard_size, config.run.batch_size, config.run.seed) == (64, 8, 0)

@@ -23,12 +23,7 @@ from semcorr.modeling import (
     load_backbone_weights,
 )
 
-from .conftest import textured_image, tiny_config, tiny_model
-
-
-def _pixels(*arrays):
-    processor = SemanticCorrespondenceImageProcessor(size={"height": 64, "width": 64})
-    return processor.preprocess(list(arrays))["pixel_values"]
+from .conftest import cell_centres, grid_in_pixels, pixel_values, shifted_crops, textured_image, tiny_config, tiny_model
 
 
 # -- config -------------------------------------------------------------------------------------
@@ -87,7 +82,7 @@ def test_save_pretrained_auto_model_round_trip_is_exact(tmp_path):
     original_state, loaded_state = model.state_dict(), loaded.state_dict()
     assert set(original_state) == set(loaded_state)
     assert all(torch.equal(original_state[k], loaded_state[k]) for k in original_state)
-    pixels = _pixels(textured_image(64, 64, 1), textured_image(64, 64, 2))
+    pixels = pixel_values(textured_image(64, 64, 1), textured_image(64, 64, 2))
     keypoints = torch.tensor([[[10.0, 20.0], [40.0, 50.0]]])
     a = model.match(pixels[:1], pixels[1:], keypoints)
     b = loaded.match(pixels[:1], pixels[1:], keypoints)
@@ -134,26 +129,52 @@ def model():
     return tiny_model(seed=0)
 
 
-def test_match_output_shapes_and_ranges(model):
-    source = _pixels(textured_image(64, 64, 1), textured_image(64, 64, 2))
-    target = SemanticCorrespondenceImageProcessor(size={"height": 48, "width": 80}).preprocess(
-        [textured_image(48, 80, 3), textured_image(48, 80, 4)]
-    )["pixel_values"]
-    keypoints = torch.rand(2, 7, 2) * 64
+def test_match_output_shapes_and_a_planted_shift(model):
+    """Shapes, units and values of every output on a pair with a known answer.
+
+    Pair 0: the 48 x 80 target is a crop of the 64 x 64 source's texture, moved so that source pixel
+    (x, y) is target pixel (x + 16, y - 8); the source's top and bottom cell rows are not in the target.
+    Pair 1: unrelated textures (shapes only).
+    """
+    source_image, target_image = shifted_crops((64, 64), (48, 80), offset=(16, -8), seed=0)
+    source = pixel_values(source_image, textured_image(64, 64, 2))
+    target = pixel_values(target_image, textured_image(48, 80, 4), size=(48, 80))
+    keypoints = torch.tensor([[x, y] for y in (4.0, 13.0, 21.5, 30.0, 37.0, 45.0, 60.0)
+                              for x in (3.0, 13.5, 26.0, 39.0, 52.0, 61.0)])[None].repeat(2, 1, 1)
     output = model.match(source, target, keypoints)
     assert isinstance(output, CorrespondenceOutput)
     assert output.grid_src_to_trg.shape == (2, 2, 8, 8)
     assert output.grid_trg_to_src.shape == (2, 2, 6, 10)
     assert output.confidence.shape == (2, 8, 8)
-    assert output.target_keypoints.shape == (2, 7, 2)
-    assert output.keypoint_scores.shape == (2, 7)
-    assert output.confidence.min() >= 0 and output.confidence.max() <= 1 + 1e-6
+    assert output.target_keypoints.shape == (2, 42, 2)
+    assert output.keypoint_scores.shape == (2, 42)
     assert output.confidence.flatten(1).amax(1).tolist() == pytest.approx([1.0, 1.0])  # normalised by the peak
-    assert output.keypoint_scores.min() >= 0 and output.keypoint_scores.max() <= 1 + 1e-6
-    assert output.grid_src_to_trg.abs().max() <= 1
-    # Target keypoints are target model-input pixels (80 x 48).
-    assert output.target_keypoints[..., 0].min() >= 0 and output.target_keypoints[..., 0].max() <= 80
-    assert output.target_keypoints[..., 1].min() >= 0 and output.target_keypoints[..., 1].max() <= 48
+
+    # Dense fields (normalised units, x first): every cell whose content is in the other image lands
+    # on it (RHM + refinement find the whole-cell shift exactly; 0.5 px = 1/16 cell).
+    xs, ys = cell_centres(8, 8, 8)
+    in_target = (ys - 8 >= 0) & (ys - 8 < 48)  # source rows 1..6
+    x, y = grid_in_pixels(output.grid_src_to_trg, (48, 80))
+    assert float(torch.hypot(x[0] - (xs + 16), y[0] - (ys - 8))[in_target].max()) < 0.5
+    target_xs, target_ys = cell_centres(6, 10, 8)
+    in_source = target_xs - 16 >= 0  # target columns 2..9
+    x, y = grid_in_pixels(output.grid_trg_to_src, (64, 64))
+    assert float(torch.hypot(x[0] - (target_xs - 16), y[0] - (target_ys + 8))[in_source].max()) < 0.5
+    # Confidence ranks every source cell the target shows above every cell it does not show.
+    confidence = output.confidence[0]
+    assert float(confidence[in_target].min()) > float(confidence[~in_target].max())
+
+    # Keypoints come back in target model-input pixels (80 x 48). Points whose neighbouring cells are all
+    # in the target land within 1 px (the transfer keeps a point's offset from its cells in normalised
+    # units, which the 64 -> 80 and 64 -> 48 frames stretch by a quarter of that offset).
+    expected = keypoints[0] + torch.tensor([16.0, -8.0])
+    inside = (expected[:, 1] >= 8) & (expected[:, 1] <= 40)
+    outside = (expected[:, 1] < 0) | (expected[:, 1] >= 48)
+    assert int(inside.sum()) == 24 and int(outside.sum()) == 12
+    assert float((output.target_keypoints[0] - expected).norm(dim=-1)[inside].max()) < 1.0
+    scores = output.keypoint_scores[0]
+    assert float(scores[inside].min()) > float(scores[outside].max())
+
     without = model.match(source, target)
     assert without.target_keypoints is None and without.keypoint_scores is None
     assert torch.equal(without.grid_src_to_trg, output.grid_src_to_trg)
@@ -163,7 +184,7 @@ def test_match_output_shapes_and_ranges(model):
 @pytest.mark.parametrize("use_rhm", [True, False])
 def test_identical_images_map_keypoints_to_themselves(use_rhm):
     model = tiny_model(seed=0, use_rhm=use_rhm)
-    pixels = _pixels(textured_image(64, 64, 7))
+    pixels = pixel_values(textured_image(64, 64, 7))
     generator = torch.Generator().manual_seed(0)
     keypoints = torch.rand(1, 20, 2, generator=generator) * 56 + 4
     output = model.match(pixels, pixels, keypoints)
@@ -173,8 +194,8 @@ def test_identical_images_map_keypoints_to_themselves(use_rhm):
 
 
 def test_batch_of_two_equals_two_singles(model):
-    source = _pixels(textured_image(64, 64, 1), textured_image(64, 64, 2))
-    target = _pixels(textured_image(64, 64, 3), textured_image(64, 64, 4))
+    source = pixel_values(textured_image(64, 64, 1), textured_image(64, 64, 2))
+    target = pixel_values(textured_image(64, 64, 3), textured_image(64, 64, 4))
     keypoints = torch.rand(2, 5, 2) * 64
     batched = model.match(source, target, keypoints)
     for row in range(2):

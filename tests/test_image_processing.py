@@ -163,3 +163,30 @@ def test_validate_keypoints_tolerance_and_name():
     assert validate_keypoints([[10.5, 0]], (5, 10), tolerance=1.0).shape == (1, 2)
     with pytest.raises(ValueError, match=r"^my_points\[0\]"):
         validate_keypoints([[12, 0]], (5, 10), name="my_points", tolerance=1.0)
+
+
+def test_pad_keypoints_hand_example():
+    """Rows are zero-padded to the longest set; a NaN point becomes 0 and is masked out."""
+    from semcorr.modeling import pad_keypoints
+
+    padded, mask = pad_keypoints([
+        [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]],
+        np.array([[7.0, float("nan")]]),
+        torch.zeros(0, 2),
+    ])
+    assert padded.dtype == torch.float32 and mask.dtype == torch.bool
+    assert padded.tolist() == [
+        [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]],
+        [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
+        [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
+    ]
+    assert mask.tolist() == [[True, True, True], [False, False, False], [False, False, False]]
+
+
+def test_pad_keypoints_keeps_one_column_and_rejects_bad_shapes():
+    from semcorr.modeling import pad_keypoints
+
+    padded, mask = pad_keypoints([None, []])
+    assert padded.shape == (2, 1, 2) and not mask.any()  # models cannot index a width-0 batch
+    with pytest.raises(ValueError, match="keypoint set 1 must have shape"):
+        pad_keypoints([[[1.0, 2.0]], [1.0, 2.0, 3.0]])

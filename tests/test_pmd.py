@@ -25,7 +25,7 @@ from semcorr.modeling.pmd.losses import (
     variance_kl,
 )
 
-TINY = dict(backbone="resnet18", backbone_layers=[2, 3], image_size=[64, 64], backbone_weights=None)
+from .conftest import TINY_PMD, cell_centres, grid_in_pixels, pixel_values, shifted_crops
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +37,13 @@ def pair():
 @pytest.fixture(scope="module")
 def teacher():
     torch.manual_seed(0)
-    return PMDTeacherModel(PMDTeacherConfig(**TINY)).eval()
+    return PMDTeacherModel(PMDTeacherConfig(**TINY_PMD)).eval()
 
 
 @pytest.fixture(scope="module")
 def student():
     torch.manual_seed(1)
-    return PMDStudentModel(PMDStudentConfig(**TINY)).eval()
+    return PMDStudentModel(PMDStudentConfig(**TINY_PMD)).eval()
 
 
 def test_configs_register_and_validate():
@@ -54,9 +54,9 @@ def test_configs_register_and_validate():
     assert published.adaptation_kernel_sizes == [5, 3] and published.attention_levels == [1]
     assert published.image_size == [320, 320] and published.distillation_weight == 16.0
     with pytest.raises(ValueError, match="adaptation_kernel_sizes"):
-        PMDStudentConfig(**TINY, adaptation_kernel_sizes=[4, 3])
+        PMDStudentConfig(**TINY_PMD, adaptation_kernel_sizes=[4, 3])
     with pytest.raises(ValueError, match="attention_levels"):
-        PMDStudentConfig(**TINY, attention_levels=[2])
+        PMDStudentConfig(**TINY_PMD, attention_levels=[2])
 
 
 @pytest.mark.parametrize("model_name", ["teacher", "student"])
@@ -83,7 +83,38 @@ def test_match_contract_shapes(student, pair):
     assert output.grid_src_to_trg.shape == (2, 2, 8, 8) and output.grid_trg_to_src.shape == (2, 2, 8, 8)
     assert output.confidence.shape == (2, 8, 8)
     assert output.target_keypoints.shape == (2, 2, 2) and output.keypoint_scores.shape == (2, 2)
-    assert output.grid_src_to_trg.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("kind, seed", [("student", 1), ("teacher", 0)])
+def test_match_lands_on_a_planted_shift(kind, seed):
+    """Fields in normalised units (x first, ``align_corners=False``) land where the construction says.
+
+    Pair 0: the target is the source's texture moved 16 px (two cells) to the left; pair 1: identical
+    images. A sharp soft-argmax (beta 1000) reads off the correlation's peak, so even random weights
+    find the shift; with beta 50 random correlations are too flat and the field shrinks to the centre.
+    """
+    model_class, config_class = {"student": (PMDStudentModel, PMDStudentConfig),
+                                 "teacher": (PMDTeacherModel, PMDTeacherConfig)}[kind]
+    torch.manual_seed(seed)
+    model = model_class(config_class(**TINY_PMD, soft_argmax_beta=1000.0)).eval()
+    source, target = shifted_crops((64, 64), (64, 64), offset=(16, 0), seed=0)  # source (x, y) = target (x + 16, y)
+    keypoints = torch.tensor([[[x, y] for y in (6.0, 21.5, 33.0, 50.0) for x in (3.0, 12.5, 27.0, 40.0)]])
+    output = model.match(pixel_values(source, source), pixel_values(target, source), keypoints.repeat(2, 1, 1))
+    xs, ys = cell_centres(8, 8, 8)
+    forward_x, forward_y = grid_in_pixels(output.grid_src_to_trg, (64, 64))
+    backward_x, backward_y = grid_in_pixels(output.grid_trg_to_src, (64, 64))
+    # identical images: every cell onto itself, every keypoint onto itself (both directions)
+    for x, y in ((forward_x[1], forward_y[1]), (backward_x[1], backward_y[1])):
+        assert float(torch.hypot(x - xs, y - ys).max()) < 0.1
+    assert float((output.target_keypoints[1] - keypoints[0]).norm(dim=-1).max()) < 0.1
+    # shifted: the cells whose content is in the other image (random features fail at a few border cells)
+    forward = torch.hypot(forward_x[0] - (xs + 16), forward_y[0] - ys)[xs + 16 < 64]
+    backward = torch.hypot(backward_x[0] - (xs - 16), backward_y[0] - ys)[xs - 16 > 0]
+    for errors in (forward, backward):
+        assert float((errors < 0.5).float().mean()) >= 0.75, errors
+        assert float(errors.median()) < 0.1
+    transferred = (output.target_keypoints[0] - keypoints[0] - torch.tensor([16.0, 0.0])).norm(dim=-1)
+    assert float((transferred < 0.5).float().mean()) >= 0.75, transferred
 
 
 def test_teacher_hypotheses_are_stochastic_and_match_is_not(teacher, pair):
@@ -98,7 +129,7 @@ def test_teacher_hypotheses_are_stochastic_and_match_is_not(teacher, pair):
 
 def test_teacher_loss_trains_adaptation_not_backbone(pair):
     torch.manual_seed(0)
-    model = PMDTeacherModel(PMDTeacherConfig(**TINY)).train()
+    model = PMDTeacherModel(PMDTeacherConfig(**TINY_PMD)).train()
     source, target = pair
     output = model(source, target, grid_trg_to_src=identity_grid(2, 64, 64), valid_trg=torch.ones(2, 64, 64, dtype=torch.bool))
     assert set(output.losses) == {"grid", "smoothness", "kl"} and torch.isfinite(output.loss)
@@ -108,11 +139,29 @@ def test_teacher_loss_trains_adaptation_not_backbone(pair):
     assert model.attention["1"].sigma_conv.weight.grad.abs().sum() > 0  # the distribution is trained
 
 
+def test_teacher_hypotheses_carry_no_graph_even_in_train_mode(pair):
+    """``sample_hypotheses`` runs without autograd: a trainable teacher in train mode returns plain
+    tensors, and a loss built directly on them (no student, no CAL) cannot reach the teacher."""
+    torch.manual_seed(0)
+    model = PMDTeacherModel(PMDTeacherConfig(**TINY_PMD)).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is None for p in trainable)
+    source, target = pair
+    forward, backward = model.sample_hypotheses(source, target, 2, generator=torch.Generator().manual_seed(0))
+    for hypotheses in (forward, backward):
+        assert not hypotheses.requires_grad and hypotheses.grad_fn is None
+    loss = (forward - identity_grid(2, 8, 8)).square().mean() + backward.square().mean()
+    assert not loss.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_gradients_reach_the_student_never_the_teacher(teacher, pair):
     source, target = pair
     forward, backward = teacher.sample_hypotheses(source, target, 3)
     torch.manual_seed(2)
-    model = PMDStudentModel(PMDStudentConfig(**TINY)).train()
+    model = PMDStudentModel(PMDStudentConfig(**TINY_PMD)).train()
     output = model(source, target, hypotheses_src_to_trg=forward, hypotheses_trg_to_src=backward)
     output.loss.backward()
     assert model.adaptation[1].conv2[0].weight.grad.abs().sum() > 0
@@ -128,7 +177,7 @@ def test_plain_l2_ablation_weighs_every_hypothesis_alike(teacher, pair):
     outputs = {}
     for loss in ("cal", "l2"):
         torch.manual_seed(2)
-        model = PMDStudentModel(PMDStudentConfig(**TINY, distillation_loss=loss)).eval()
+        model = PMDStudentModel(PMDStudentConfig(**TINY_PMD, distillation_loss=loss)).eval()
         prior = torch.full((2, 2, 8, 8), 0.05)  # makes PSR weights differ from 1
         with torch.no_grad():
             outputs[loss] = model(source, target, hypotheses_src_to_trg=forward, hypotheses_trg_to_src=backward,
@@ -142,7 +191,7 @@ def test_plain_l2_ablation_weighs_every_hypothesis_alike(teacher, pair):
     assert float(l2.losses["objective"]) == pytest.approx(float(l2.loss), rel=1e-6)
     assert float(cal.losses["distillation"]) != pytest.approx(float(l2.losses["distillation"]), rel=1e-3)
     with pytest.raises(ValueError, match="distillation_loss"):
-        PMDStudentConfig(**TINY, distillation_loss="l1")
+        PMDStudentConfig(**TINY_PMD, distillation_loss="l1")
 
 
 def test_keypoint_loss_is_zero_for_a_perfect_field():
@@ -212,7 +261,7 @@ def test_corner_aligned_transfer_reads_the_field_like_the_official_eval(pair):
     """Official PMD: upsample the cell field (align_corners=True), read it at the rounded pixel index,
     map back with (g + 1)(size - 1) / 2. Checked here against that recipe done literally."""
     torch.manual_seed(3)
-    model = PMDStudentModel(PMDStudentConfig(**TINY, grid_align_corners=True)).eval()
+    model = PMDStudentModel(PMDStudentConfig(**TINY_PMD, grid_align_corners=True)).eval()
     source, target = pair
     keypoints = torch.tensor([[[10.5, 12.5], [40.2, 50.7], [63.9, 0.1]], [[5.5, 5.5], [60.0, 3.0], [31.5, 31.5]]])
     output = model.match(source, target, source_keypoints=keypoints)

@@ -19,7 +19,6 @@ from PIL import Image
 from semcorr.hub_datasets.skimage_pairs import TRAINING_PHOTOS, skimage_data_dir
 from semcorr.training.data.synthetic import SyntheticPairGenerator
 from semcorr.training import cpu_chain, train_teacher
-from semcorr.training.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -30,23 +29,12 @@ def chain(tmp_path_factory, datasets_offline_module):
 
 
 @pytest.fixture(scope="module")
-def datasets_offline_module():
-    import datasets
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def models(chain):
     import semcorr.modeling
-    from semcorr.modeling import PMDTeacherConfig
     from transformers import AutoModel
 
     output, _ = chain
-    config = load_config(cpu_chain.TEACHER_CONFIG, PMDTeacherConfig, {"run.output_dir": str(output / "unused")})
+    config = train_teacher.TeacherConfig.load(cpu_chain.TEACHER_CONFIG, {"run.output_dir": str(output / "unused")})
     untrained = train_teacher.build_model(config.model, config.optim.seed).eval()
     trained = AutoModel.from_pretrained(output / "teacher" / "final").eval()
     assert isinstance(trained, semcorr.modeling.PMDTeacherModel)

@@ -298,9 +298,10 @@ def test_dataset_column_batches(tmp_path):
     out = list(batches)
     assert [tuple(b.shape) for b in out] == [(3, 3, 16, 24), (1, 3, 16, 24)]
     assert batches.skipped == 1 and batches.skipped_items == [4]
-    # Every image is there once (compare against the PIL resizes, in any order).
-    resized = [np.asarray(im.resize((24, 16), Image.BICUBIC), dtype=np.float32) / 255 for im in images]
-    expected = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
+    # Every image is there once, resized by the image processor's rule (compared in any order).
+    from semcorr.modeling.image_processing_semcorr import image_to_unit_tensor
+
+    expected = torch.stack([image_to_unit_tensor(im, (16, 24)) for im in images])
     got = torch.cat(out)
     distances = (got[:, None] - expected[None]).abs().flatten(2).mean(-1)
     assert torch.equal(distances.argmin(1).sort().values, torch.arange(4)) and distances.min(1).values.max() < 1e-6

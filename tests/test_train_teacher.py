@@ -14,18 +14,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from semcorr.modeling import PMDTeacherConfig
 from semcorr.training import train_teacher
-from semcorr.training.config import load_config
 
-TINY_MODEL = dict(backbone="resnet18", backbone_weights=None, backbone_layers=[2, 3], image_size=[64, 64])
+from .conftest import TINY_PMD, run_module, torchrun_module
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     from PIL import Image
 
-    from tests.conftest import textured_image
+    from .conftest import textured_image
 
     folder = tmp_path_factory.mktemp("images")
     for index in range(8):
@@ -35,7 +33,7 @@ def image_folder(tmp_path_factory):
 
 def write_config(path: Path, image_folder, output_dir, **sections) -> Path:
     raw = {
-        "model": dict(TINY_MODEL),
+        "model": dict(TINY_PMD),
         "data": {"images": str(image_folder), "color_jitter": False},
         "optim": {"lr": 1e-3, "batch_size": 2, "epochs": 1, "lr_milestones": [1], "seed": 0},
         "run": {"output_dir": str(output_dir), "save_every_steps": 2, "log_with": [], "num_threads": 1},
@@ -47,11 +45,7 @@ def write_config(path: Path, image_folder, output_dir, **sections) -> Path:
 
 
 def run_cli(*args, env=None, timeout=300):
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "semcorr.training.train_teacher", *map(str, args)],
-        capture_output=True, text=True, env=environment, timeout=timeout,
-    )
+    return run_module("semcorr.training.train_teacher", *args, env=env, timeout=timeout)
 
 
 # -- config ----------------------------------------------------------------------------------------
@@ -73,7 +67,7 @@ def test_config_errors_before_any_work(tmp_path, image_folder, monkeypatch, sect
     config = write_config(tmp_path / "c.yaml", image_folder, tmp_path / "out", **{section: values})
     monkeypatch.setattr(train_teacher, "train", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(ValueError, match=message):
-        load_config(config, PMDTeacherConfig)
+        train_teacher.TeacherConfig.load(config)
     assert train_teacher.main(["--config", str(config)]) == 2
     assert not (tmp_path / "out").exists()
 
@@ -82,12 +76,12 @@ def test_unknown_section_and_published_configs(tmp_path, image_folder):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"optimizer": {"lr": 1}}))
     with pytest.raises(ValueError, match="unknown section.*optimizer.*valid sections"):
-        load_config(path, PMDTeacherConfig)
+        train_teacher.TeacherConfig.load(path)
     configs = Path(train_teacher.__file__).parent / "configs"
-    tiny = load_config(configs / "pmd_cpu_tiny.yaml", PMDTeacherConfig)
+    tiny = train_teacher.TeacherConfig.load(configs / "pmd_cpu_tiny.yaml")
     assert tiny.model["backbone_weights"] == "embedded" and tiny.model["image_size"] == [256, 256]
     # the published recipe (its data folder does not exist here: point it at ours)
-    published = load_config(configs / "pmd_pf_pascal.yaml", PMDTeacherConfig, {"data.images": str(image_folder)})
+    published = train_teacher.TeacherConfig.load(configs / "pmd_pf_pascal.yaml", {"data.images": str(image_folder)})
     assert published.model["backbone"] == "resnet101.tv_in1k" and published.model["backbone_layers"] == [3, 4]
     assert published.model["image_size"] == [320, 320]
     assert (published.optim.lr, published.optim.batch_size, published.optim.epochs) == (3e-5, 16, 100)
@@ -99,7 +93,7 @@ def test_unknown_section_and_published_configs(tmp_path, image_folder):
 def uninterrupted(tmp_path_factory, image_folder):
     root = tmp_path_factory.mktemp("run-a")
     config = write_config(root / "a.yaml", image_folder, root / "out")
-    metrics = train_teacher.train(load_config(config, PMDTeacherConfig))  # 8 images / 2 = 4 steps
+    metrics = train_teacher.train(train_teacher.TeacherConfig.load(config))  # 8 images / 2 = 4 steps
     return root / "out", metrics
 
 
@@ -119,6 +113,21 @@ def test_short_run_writes_final_and_checkpoints(uninterrupted):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
     assert not list(out.glob(".tmp-*")) and not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_logged_loss_is_the_weighted_sum_of_its_logged_terms(uninterrupted):
+    """Each step's logged loss is grid + smoothness_weight x smoothness + kl_weight x KL, with the
+    weights the run saved in final/config.json (a term left out of, or added to, the optimised loss fails)."""
+    out, _ = uninterrupted
+    config = json.loads((out / "final" / "config.json").read_text())
+    smoothness_weight, kl_weight = config["smoothness_weight"], config["kl_weight"]
+    assert (smoothness_weight, kl_weight) == (0.5, 1e-3)  # the defaults this run used
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
+    assert len(steps) == 4
+    for r in steps:
+        assert r["train/grid"] > 0 and r["train/smoothness"] > 0 and r["train/kl"] > 0  # every term is present
+        expected = r["train/grid"] + smoothness_weight * r["train/smoothness"] + kl_weight * r["train/kl"]
+        assert r["train/loss"] == pytest.approx(expected, rel=1e-5), r
 
 
 def test_resume_equals_uninterrupted(tmp_path, image_folder, uninterrupted):
@@ -150,7 +159,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, image_folder, monkeypat
         return output
 
     monkeypatch.setattr(PMDTeacherModel, "forward", forward)
-    config = load_config(write_config(tmp_path / "c.yaml", image_folder, tmp_path / "out"), PMDTeacherConfig)
+    config = train_teacher.TeacherConfig.load(write_config(tmp_path / "c.yaml", image_folder, tmp_path / "out"))
     with pytest.raises(train_teacher.NonFiniteLossError, match=r"step 3\b.*step-2"):
         train_teacher.train(config)
     assert train_teacher.checkpoint_steps(tmp_path / "out") == [2]  # the bad step 3 was not saved
@@ -173,16 +182,11 @@ def test_unreadable_images_stop_the_run(tmp_path, image_folder):
 def test_two_cpu_processes_match_one(tmp_path, image_folder):
     # global batch 4 (2 per process: the attention's batch norm needs 2), 2 epochs of 2 steps
     settings = dict(optim={"batch_size": 4, "epochs": 2})
-    train_teacher.train(load_config(write_config(tmp_path / "one.yaml", image_folder, tmp_path / "one", **settings),
-                                    PMDTeacherConfig))
+    train_teacher.train(train_teacher.TeacherConfig.load(
+        write_config(tmp_path / "one.yaml", image_folder, tmp_path / "one", **settings)))
     out_one = tmp_path / "one"
     config = write_config(tmp_path / "c.yaml", image_folder, tmp_path / "out", **settings)
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "semcorr.training.train_teacher", "--config", str(config)],
-        capture_output=True, text=True, env=environment, timeout=600,
-    )
+    result = torchrun_module("semcorr.training.train_teacher", "--config", config, nproc=2, port=29517)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -214,13 +218,23 @@ def test_keypoint_dataset_adds_the_sparse_term(tmp_path, image_folder, datasets_
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
-    for r in steps:  # the step's loss holds the keypoint term (weight 1)
-        assert r["train/keypoints"] > 0
-        assert r["train/loss"] > r["train/grid"] + r["train/keypoints"] - 1e-6
+    # The keypoint term enters the step's loss with model.keypoint_weight: the same first step (same
+    # weights, batches and gate noise) with weight 3 instead of 1 has the same terms and a loss larger
+    # by exactly 2 x the logged keypoint term.
+    heavier = write_config(tmp_path / "k3.yaml", image_folder, tmp_path / "out3", optim={"max_steps": 1},
+                           model={"keypoint_weight": 3.0})
+    assert train_teacher.main(["--config", str(heavier), "--keypoint-dataset", "pf-pascal",
+                               "--keypoint-data-dir", str(pascal)]) == 0
+    first = next(r for r in map(json.loads, (tmp_path / "out3" / "metrics.jsonl").read_text().splitlines())
+                 if "train/loss" in r)
+    assert first["step"] == 1 and steps[0]["train/keypoints"] > 1e-3  # a real term, not a zero that cancels
+    for term in ("train/keypoints", "train/grid", "train/smoothness", "train/kl"):
+        assert first[term] == pytest.approx(steps[0][term], rel=1e-5), term
+    assert first["train/loss"] - steps[0]["train/loss"] == pytest.approx(2 * steps[0]["train/keypoints"], rel=1e-4)
 
 
 def test_keypoint_rows_cover_every_pair_each_pass():
-    from semcorr.training.keypoint_supervision import keypoint_rows
+    from semcorr.training.data.keypoint_pairs import keypoint_rows
 
     first_pass = np.concatenate([keypoint_rows(10, 4, 0, step) for step in range(2)])
     assert len(set(first_pass.tolist())) == 8
@@ -243,12 +257,12 @@ def test_bare_config_names_resolve_to_the_shipped_configs(tmp_path, monkeypatch,
 
 
 def test_published_student_configs_parse(tmp_path):
-    from semcorr.training.distill_student import load_distill_config
+    from semcorr.training.distill_student import DistillConfig
 
     (tmp_path / "index.json").write_text("{}")
-    tiny = load_distill_config("pmd_cpu_tiny_student.yaml", {"data.hypotheses": str(tmp_path)})
+    tiny = DistillConfig.load("pmd_cpu_tiny_student.yaml", {"data.hypotheses": str(tmp_path)})
     assert tiny.model == {"distillation_loss": "cal"} and tiny.optim.batch_size == 4
-    paper = load_distill_config("pmd_pf_pascal_student.yaml", {"data.hypotheses": str(tmp_path)})
+    paper = DistillConfig.load("pmd_pf_pascal_student.yaml", {"data.hypotheses": str(tmp_path)})
     assert (paper.optim.lr, paper.optim.batch_size, paper.optim.epochs) == (3e-5, 16, 100)
     assert (paper.optim.lr_milestones, paper.optim.lr_gamma, paper.data.flip_prob) == ([60], 0.2, 0.5)
     assert paper.model["distillation_weight"] == 16.0 and paper.model["psr_prior_rate"] == 0.01
@@ -260,7 +274,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, image_folder)
     import time
 
     settings = dict(optim={"epochs": 3}, run={"save_every_steps": 2, "num_threads": 1})
-    reference = load_config(write_config(tmp_path / "ref.yaml", image_folder, tmp_path / "ref", **settings), PMDTeacherConfig)
+    reference = train_teacher.TeacherConfig.load(write_config(tmp_path / "ref.yaml", image_folder, tmp_path / "ref", **settings))
     train_teacher.train(reference)
     config = write_config(tmp_path / "k.yaml", image_folder, tmp_path / "out", **settings)
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -292,10 +306,10 @@ def test_init_from_fine_tunes_a_trained_teacher(tmp_path, image_folder, uninterr
     tuned = load_file(tmp_path / "out" / "final" / "model.safetensors")
     name = "adaptation.0.conv1.0.weight"
     torch.testing.assert_close(tuned[name], start[name], rtol=0, atol=1e-6)
-    fresh = train_teacher.build_model(dict(TINY_MODEL), 0).state_dict()[name]
+    fresh = train_teacher.build_model(dict(TINY_PMD), 0).state_dict()[name]
     assert not torch.allclose(fresh, start[name])
     other = write_config(tmp_path / "o.yaml", image_folder, tmp_path / "o", model={"backbone_layers": [3, 4]})
     with pytest.raises(ValueError, match="does not fit this teacher"):
-        train_teacher.train(load_config(other, PMDTeacherConfig, {"run.init_from": str(trained / "final")}))
+        train_teacher.train(train_teacher.TeacherConfig.load(other, {"run.init_from": str(trained / "final")}))
     with pytest.raises(ValueError, match="no model.safetensors"):
-        load_config(config, PMDTeacherConfig, {"run.init_from": str(tmp_path)})
+        train_teacher.TeacherConfig.load(config, {"run.init_from": str(tmp_path)})

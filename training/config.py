@@ -1,20 +1,23 @@
-"""Typed YAML configs for the training entry points.
+"""The one config format of every semcorr entry point: sectioned YAML, typed, checked before any work.
 
-A config file has up to four sections (all optional, every key optional)::
+A config file is a mapping of sections, each a mapping of keys::
 
-    model:  # fields of the model's PretrainedConfig (here PMDTeacherConfig), checked against its signature
+    model:                  # fields of the model's PretrainedConfig, checked against its signature
       backbone: resnet101.tv_in1k
-    data:   # unlabelled images -> synthetic pairs
-      images: path/to/folder        # or "skimage" / "skimage:astronaut.png,coffee.png"
-    optim:
+    data:                   # what the task reads (its own dataclass)
+      images: path/to/folder
+    optim:                  # OptimConfig: optimizer, schedule, batch, epochs
       lr: 3.0e-5
-    run:
+    run:                    # RunConfig (training) or InferenceRunConfig (sharded inference)
       output_dir: runs/pmd-teacher
 
-:func:`load_config` validates everything *before* any work: an unknown key or a value of the wrong
-type raises :class:`ValueError` naming the key and the valid keys; a missing data path raises too.
-Types are checked strictly (``int`` is accepted where ``float`` is expected; ``bool`` is never an
-``int``); ``None`` only where the field allows it.
+An entry point declares its sections as a :class:`SectionedConfig` dataclass; :meth:`SectionedConfig.load`
+reads the file (a path, or the bare name of a config shipped in ``semcorr/training/configs``),
+applies command-line overrides (``--set optim.lr=1e-4``: the value is read as YAML, so ``[1, 2]``,
+``null`` and ``true`` work) and validates everything. An unknown section or key, or a value of the
+wrong type, raises :class:`ValueError` naming the key and listing the valid ones; a key that was
+renamed names its new place. Types are checked strictly (an ``int`` is accepted for a ``float``; a
+``bool`` is never an ``int``; ``None`` only where the field allows it).
 """
 
 from __future__ import annotations
@@ -25,14 +28,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
-SKIMAGE_PREFIX = "skimage"
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("constant", "step", "multistep", "cosine")
 
 
 # -- type checking ----------------------------------------------------------------------------------
 def _type_name(hint) -> str:
-    return str(hint).replace("typing.", "") if not isinstance(hint, type) else hint.__name__
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def _matches(value, hint) -> bool:
@@ -45,10 +50,8 @@ def _matches(value, hint) -> bool:
     if origin in (Union, types.UnionType):
         return any(_matches(value, arg) for arg in typing.get_args(hint))
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False
         args = typing.get_args(hint)
-        return not args or all(_matches(item, args[0]) for item in value)
+        return isinstance(value, (list, tuple)) and (not args or all(_matches(item, args[0]) for item in value))
     if origin is dict:
         return isinstance(value, dict)
     if hint is bool:
@@ -57,161 +60,50 @@ def _matches(value, hint) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
-def _strip_none(hint):
-    """``X | None`` -> ``X`` (other unions unchanged)."""
-    if typing.get_origin(hint) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return hint
+    return isinstance(value, hint) if isinstance(hint, type) else True
 
 
 def _coerce(value, hint):
-    """Ints given for float fields become floats (also inside lists)."""
-    hint = _strip_none(hint)
+    """Ints given for float fields become floats (also inside lists); strings from ``--set`` that
+    YAML left as strings (``1e-4``) become floats where a float is expected."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        hint = args[0] if len(args) == 1 else hint
     if isinstance(value, (list, tuple)) and typing.get_origin(hint) in (list, tuple) and typing.get_args(hint):
-        return [_coerce(v, typing.get_args(hint)[0]) for v in value]
+        return [_coerce(item, typing.get_args(hint)[0]) for item in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
 
 
-def _check_section(name: str, values: dict, schema: dict[str, Any]) -> dict:
-    """Check ``values`` against ``schema`` (key -> type hint); return the coerced values."""
+def check_section(name: str, values, schema: dict[str, Any]) -> dict:
+    """Check one section's mapping against ``schema`` (key -> type hint); returns the coerced values."""
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ValueError(f"config section '{name}' must be a mapping, got {type(values).__name__}")
     unknown = sorted(set(values) - set(schema))
     if unknown:
-        raise ValueError(
-            f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; valid keys of '{name}': {', '.join(sorted(schema))}"
-        )
+        raise ValueError(f"unknown key(s) {', '.join(f'{name}.{key}' for key in unknown)}; "
+                         f"valid keys of '{name}': {', '.join(sorted(schema))}")
     checked = {}
     for key, value in values.items():
         hint = schema[key]
+        if isinstance(value, str) and _matches(1.0, hint) and not _matches(value, hint):
+            try:
+                value = float(value)  # "1e-4" from --set
+            except ValueError:
+                pass
         if not _matches(value, hint):
-            raise ValueError(
-                f"{name}.{key} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})"
-            )
+            raise ValueError(f"{name}.{key} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
         checked[key] = _coerce(value, hint)
     return checked
 
 
-# -- sections --------------------------------------------------------------------------------------
-@dataclass
-class DataConfig:
-    """Where the unlabelled images come from and how synthetic pairs are drawn.
-
-    Exactly one of ``images`` / ``dataset`` is set.
-
-    Attributes:
-        images: a folder of images (searched recursively; relative paths are resolved against the
-            current directory), ``"skimage"`` (scikit-image's data folder) or
-            ``"skimage:astronaut.png,coffee.png"`` (those files of it).
-        dataset: a ``datasets`` name (``load_dataset``) or a directory (``save_to_disk`` output or
-            a folder ``load_dataset`` understands).
-        dataset_split: the split of ``dataset``.
-        image_column: the Image column (default: the first one).
-        image_size: ``[height, width]`` of the training images; sets ``model.image_size`` (they
-            must agree when both are given).
-        repeats: passes over the image list per epoch (tiny image sets).
-        warp_kinds, flip_prob, color_jitter: :class:`~semcorr.training.data.synthetic.SyntheticPairGenerator` options.
-        keypoint_dataset: labelled pairs for sparse keypoint supervision (the strongly supervised
-            PMD): ``pf-pascal``, ``pf-willow``, ``spair-71k`` (with ``keypoint_data_dir``) or a
-            ``save_to_disk`` folder in the benchmark pair schema; None: synthetic supervision only.
-        keypoint_data_dir, keypoint_split: the benchmark's extracted folder and split.
-    """
-
-    images: str | None = None
-    dataset: str | None = None
-    dataset_split: str = "train"
-    image_column: str | None = None
-    image_size: list[int] | None = None
-    repeats: int = 1
-    warp_kinds: list[str] = field(default_factory=lambda: ["affine", "homography", "tps"])
-    flip_prob: float = 0.5
-    color_jitter: bool = True
-    keypoint_dataset: str | None = None
-    keypoint_data_dir: str | None = None
-    keypoint_split: str = "trn"
-
-
-@dataclass
-class OptimConfig:
-    """Adam with a multi-step schedule (milestones in epochs).
-
-    Attributes:
-        batch_size: the *global* batch; every process gets ``batch_size / world_size``.
-        max_steps: stop after this many optimizer steps (the CLI's ``--max-steps`` overrides it).
-    """
-
-    lr: float = 3e-5
-    batch_size: int = 16
-    epochs: int = 100
-    lr_milestones: list[int] = field(default_factory=lambda: [60])
-    lr_gamma: float = 0.2
-    weight_decay: float = 0.0
-    seed: int = 0
-    max_steps: int | None = None
-
-
-@dataclass
-class RunConfig:
-    """Outputs, checkpoints and logging.
-
-    Attributes:
-        output_dir: ``checkpoints/step-N``, ``final/``, ``metrics.jsonl`` and tracker logs go here.
-        save_every_steps: checkpoint period (0: only at the end).
-        keep_checkpoints: how many of the newest checkpoints to keep (0: all).
-        log_with: accelerate trackers (``"tensorboard"``, ...); ones that are not installed are
-            skipped with a warning. ``metrics.jsonl`` is always written.
-        log_every_steps: period of tracker / metrics.jsonl records.
-        cpu: force CPU; ``None``: CPU when no accelerator is available or ``ACCELERATE_USE_CPU`` is set.
-        num_threads: ``torch.set_num_threads`` per process (``None``: torch's default). On a busy
-            small CPU host 1 thread can be many times faster than oversubscribed cores.
-        init_from: teacher only: start from the weights of this ``save_pretrained`` directory
-            (``model.safetensors``; the architecture must match) -- to fine-tune a teacher, e.g.
-            with keypoint supervision.
-    """
-
-    output_dir: str = "runs/pmd-teacher"
-    save_every_steps: int = 500
-    keep_checkpoints: int = 0
-    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
-    log_every_steps: int = 1
-    cpu: bool | None = None
-    num_threads: int | None = None
-    init_from: str | None = None
-
-
-@dataclass
-class TrainConfig:
-    """A whole training config: ``model`` is a dict of model-config fields (validated)."""
-
-    model: dict = field(default_factory=dict)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    source: str | None = None  # the YAML file it came from
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out.pop("source", None)
-        return out
-
-
-SECTIONS = ("model", "data", "optim", "run")
-
-
 def dataclass_schema(cls) -> dict[str, Any]:
+    """``{field: type hint}`` of a section dataclass."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {item.name: hints[item.name] for item in dataclasses.fields(cls)}
 
 
 def model_config_schema(config_class) -> dict[str, Any]:
@@ -223,117 +115,126 @@ def model_config_schema(config_class) -> dict[str, Any]:
             continue
         hints = typing.get_type_hints(init)
         for name, parameter in inspect.signature(init).parameters.items():
-            if name == "self" or parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
-                continue
-            schema.setdefault(name, hints.get(name, Any))
+            if name != "self" and parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
+                schema.setdefault(name, hints.get(name, Any))
     return schema
 
 
-def resolve_image_source(images: str) -> str | list[str]:
-    """``"skimage"`` -> scikit-image's data folder; ``"skimage:a.png,b.png"`` -> those paths; else a folder.
+# -- the shared sections ---------------------------------------------------------------------------------
+@dataclass
+class OptimConfig:
+    """Optimiser, learning-rate schedule, batch and length of a training run.
 
-    Raises:
-        ValueError: a folder or file that does not exist.
+    Attributes:
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (with ``momentum``, optionally ``nesterov``).
+        lr, weight_decay, momentum, nesterov: the optimiser's settings.
+        scheduler: ``"multistep"`` (lr x ``lr_gamma`` at each epoch of ``lr_milestones``), ``"step"``
+            (x ``lr_gamma`` every ``lr_step_epochs`` epochs), ``"cosine"`` (to ``min_lr`` over the
+            run) or ``"constant"``; ``warmup_steps`` of linear warm-up precede any of them.
+        batch_size: the *global* batch; every process gets ``batch_size / world_size``.
+        epochs: passes over the data; ``max_steps`` stops earlier (the CLI's ``--max-steps`` too).
+        seed: every random choice of the run derives from it.
     """
-    if images == SKIMAGE_PREFIX or images.startswith(SKIMAGE_PREFIX + ":"):
-        from semcorr.hub_datasets.skimage_pairs import skimage_data_dir
 
-        root = skimage_data_dir()
-        if images == SKIMAGE_PREFIX:
-            return str(root)
-        names = [n.strip() for n in images.split(":", 1)[1].split(",") if n.strip()]
-        if not names:
-            raise ValueError(f"data.images '{images}' names no files")
-        missing = [n for n in names if not (root / n).is_file()]
-        if missing:
-            raise ValueError(f"data.images: not in scikit-image's data folder {root}: {', '.join(missing)}")
-        return [str(root / n) for n in names]
-    path = Path(images).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"data.images: folder not found: {path.resolve()}")
-    return str(path)
+    optimizer: str = "adam"
+    lr: float = 3e-5
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    scheduler: str = "multistep"
+    lr_milestones: list[int] = field(default_factory=lambda: [60])
+    lr_step_epochs: int = 30
+    lr_gamma: float = 0.2
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    batch_size: int = 16
+    epochs: int = 100
+    max_steps: int | None = None
+    seed: int = 0
 
-
-def validate_data(data: DataConfig) -> None:
-    """Exactly one source; local paths exist."""
-    if (data.images is None) == (data.dataset is None):
-        raise ValueError("data needs exactly one of 'images' (folder / skimage) or 'dataset' (datasets name or dir)")
-    if data.images is not None:
-        resolve_image_source(data.images)
-    else:
-        path = Path(data.dataset).expanduser()
-        looks_local = data.dataset.startswith((".", "/", "~")) or path.exists() or data.dataset.count("/") > 1
-        if looks_local and not path.exists():
-            raise ValueError(f"data.dataset: directory not found: {path.resolve()}")
-    if data.repeats < 1:
-        raise ValueError(f"data.repeats must be >= 1, got {data.repeats}")
-    if data.image_size is not None and len(data.image_size) != 2:
-        raise ValueError(f"data.image_size must be [height, width], got {data.image_size}")
-    if data.keypoint_dataset is not None:
-        from semcorr.hub_datasets import BENCHMARKS
-
-        if data.keypoint_dataset in BENCHMARKS:
-            folder = data.keypoint_data_dir
-            if not folder or not Path(folder).expanduser().is_dir():
-                raise ValueError(f"data.keypoint_dataset {data.keypoint_dataset!r} needs data.keypoint_data_dir "
-                                 f"(--keypoint-data-dir), the extracted benchmark folder; got {folder!r}")
-        elif not (Path(data.keypoint_dataset).expanduser() / "state.json").is_file():
-            raise ValueError(f"data.keypoint_dataset: {data.keypoint_dataset!r} is neither a benchmark "
-                             f"({', '.join(BENCHMARKS)}) nor a datasets save_to_disk folder")
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optim.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"optim.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        for key, minimum in (("batch_size", 1), ("epochs", 1), ("lr_step_epochs", 1), ("warmup_steps", 0)):
+            if getattr(self, key) < minimum:
+                raise ValueError(f"optim.{key} must be >= {minimum}, got {getattr(self, key)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0:
+            raise ValueError(f"optim.lr must be positive and min_lr, weight_decay >= 0, got {self.lr}, "
+                             f"{self.min_lr}, {self.weight_decay}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"optim.max_steps must be >= 1, got {self.max_steps}")
 
 
-def check_sections(raw) -> dict:
-    """A parsed YAML document (``None``: empty) as a mapping of the known :data:`SECTIONS`, else ``ValueError``."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"a config file must be a mapping of sections {SECTIONS}, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(SECTIONS)}")
-    return raw
+@dataclass
+class RunConfig:
+    """Outputs, checkpoints and logging of a training run.
+
+    Attributes:
+        output_dir: ``checkpoints/step-N``, ``final/``, ``metrics.jsonl`` and tracker logs go here.
+        save_every_steps: checkpoint period (0: only at the end).
+        keep_checkpoints: how many of the newest checkpoints to keep (0: all).
+        log_with: accelerate trackers (``"tensorboard"``, ``"wandb"``); ones that are not installed
+            are skipped with a warning. ``metrics.jsonl`` is always written.
+        log_every_steps: period of tracker / ``metrics.jsonl`` records.
+        cpu: force the CPU; ``None``: the CPU when no GPU is present or ``ACCELERATE_USE_CPU`` is set.
+        num_threads: ``torch.set_num_threads`` per process (``None``: torch's default). On a busy
+            small CPU host 1 thread can be many times faster than oversubscribed cores.
+        init_from: start from the weights of this ``save_pretrained`` directory (its
+            ``model.safetensors``; the architecture must match) -- to fine-tune a trained model.
+    """
+
+    output_dir: str | None = None
+    save_every_steps: int = 500
+    keep_checkpoints: int = 0
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    log_every_steps: int = 1
+    cpu: bool | None = None
+    num_threads: int | None = None
+    init_from: str | None = None
+
+    def validate(self) -> None:
+        if self.save_every_steps < 0 or self.keep_checkpoints < 0 or self.log_every_steps < 1:
+            raise ValueError("run.save_every_steps and run.keep_checkpoints must be >= 0, run.log_every_steps >= 1")
+        if self.init_from is not None and not (Path(self.init_from).expanduser() / "model.safetensors").is_file():
+            raise ValueError(f"run.init_from: no model.safetensors in {self.init_from} (a save_pretrained directory)")
 
 
-def parse_optim_run(raw: dict, run_defaults: dict | None = None) -> tuple[OptimConfig, RunConfig]:
-    """The checked ``optim`` and ``run`` sections of ``raw`` (``run_defaults``: fields under the file's)."""
-    optim = OptimConfig(**_check_section("optim", raw.get("optim"), dataclass_schema(OptimConfig)))
-    run = RunConfig(**{**(run_defaults or {}), **_check_section("run", raw.get("run"), dataclass_schema(RunConfig))})
-    return optim, run
+@dataclass
+class InferenceRunConfig:
+    """Outputs and work split of a sharded inference job (hypotheses, pseudo labels).
+
+    Attributes:
+        output_dir: the shard directory (``shard-*.safetensors`` + sidecars + ``index.json``).
+        shard_size: pairs per shard (the unit of work of a process and of a rerun).
+        batch_size: pairs read and preprocessed at once (does not change the results).
+        seed: every random draw of the job derives from it and the pair index.
+        cpu, num_threads: as in :class:`RunConfig`.
+    """
+
+    output_dir: str | None = None
+    shard_size: int = 64
+    batch_size: int = 8
+    seed: int = 0
+    cpu: bool | None = None
+    num_threads: int | None = None
+
+    def validate(self) -> None:
+        for key in ("shard_size", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
 
 
-def parse_config(raw: dict, model_config_class, source: str | None = None) -> TrainConfig:
-    """Validate a parsed YAML mapping into a :class:`TrainConfig` (no side effects)."""
-    raw = check_sections(raw)
-    model = _check_section("model", raw.get("model"), model_config_schema(model_config_class))
-    data = DataConfig(**_check_section("data", raw.get("data"), dataclass_schema(DataConfig)))
-    optim, run = parse_optim_run(raw)
-    if data.image_size is not None:
-        if "image_size" in model and list(model["image_size"]) != list(data.image_size):
-            raise ValueError(f"model.image_size {model['image_size']} and data.image_size {data.image_size} differ")
-        model["image_size"] = list(data.image_size)
-    validate_optim_run(optim, run)
-    validate_data(data)
-    try:  # the model config's own checks (kernel sizes, levels, ...)
-        model_config_class(**model)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"model: {error}") from error
-    weights = model.get("backbone_weights")
-    if weights not in (None, "timm", "embedded") and not Path(weights).expanduser().is_file():
-        raise ValueError(f"model.backbone_weights: file not found: {weights}")
-    return TrainConfig(model=model, data=data, optim=optim, run=run, source=source)
-
-
-PACKAGED_CONFIGS = Path(__file__).parent / "configs"
-
-
+# -- the file --------------------------------------------------------------------------------------------
 def read_config_file(path: str | Path):
     """``(parsed YAML, path)``; a bare name such as ``pmd_cpu_tiny.yaml`` (or ``pmd_cpu_tiny``) that is
     not a file here is looked up among the configs shipped in ``semcorr/training/configs``.
 
     Raises:
-        ValueError: no such file (the message lists the packaged configs), or invalid YAML.
+        ValueError: no such file (the message lists the shipped configs), or invalid YAML.
     """
-    import yaml  # PyYAML (a dependency of transformers)
+    import yaml
 
     path = Path(path).expanduser()
     if not path.is_file() and len(path.parts) == 1:
@@ -347,38 +248,148 @@ def read_config_file(path: str | Path):
     try:
         return yaml.safe_load(path.read_text()), path
     except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from error
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from error
 
 
-def load_config(path: str | Path, model_config_class, overrides: dict | None = None) -> TrainConfig:
-    """Read and validate a YAML config; ``overrides`` maps ``"section.key"`` to a value.
+def parse_overrides(items) -> dict[str, Any]:
+    """``["optim.lr=1e-4", "run.log_with=[]"]`` (``--set``) or a dict -> ``{"optim.lr": value}`` (values read as YAML)."""
+    import yaml
 
-    Raises:
-        ValueError: missing file, bad YAML, unknown key, wrong type, missing data path.
-    """
-    raw, path = read_config_file(path)
-    raw = raw or {}
-    for dotted, value in (overrides or {}).items():
+    if isinstance(items, dict):
+        return dict(items)
+    overrides = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"--set {item!r}: expected section.key=value (e.g. optim.lr=1e-4)")
+        try:
+            overrides[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            overrides[key.strip()] = text
+    return overrides
+
+
+def _apply(raw: dict, overrides: dict) -> dict:
+    """``raw`` with ``{"section.key": value}`` set (sections created as needed)."""
+    raw = {section: (dict(values) if isinstance(values, dict) else values) for section, values in raw.items()}
+    for dotted, value in overrides.items():
         section, key = dotted.split(".", 1)
-        if not isinstance(raw.get(section) or {}, dict):
-            break  # parse_config reports it
-        raw.setdefault(section, {})
-        if raw[section] is None:
+        if raw.get(section) is None:
             raw[section] = {}
-        raw[section][key] = value
-    return parse_config(raw, model_config_class, source=str(path))
+        if isinstance(raw[section], dict):
+            raw[section][key] = value
+    return raw
 
 
-def validate_optim_run(optim: "OptimConfig", run: "RunConfig") -> None:
-    """Range checks of the ``optim`` and ``run`` sections shared by every training script."""
-    for key, minimum in (("batch_size", 1), ("epochs", 1)):
-        if getattr(optim, key) < minimum:
-            raise ValueError(f"optim.{key} must be >= {minimum}, got {getattr(optim, key)}")
-    if optim.lr <= 0:
-        raise ValueError(f"optim.lr must be positive, got {optim.lr}")
-    if optim.max_steps is not None and optim.max_steps < 1:
-        raise ValueError(f"optim.max_steps must be >= 1, got {optim.max_steps}")
-    if run.save_every_steps < 0 or run.keep_checkpoints < 0 or run.log_every_steps < 1:
-        raise ValueError("run.save_every_steps and run.keep_checkpoints must be >= 0, run.log_every_steps >= 1")
-    if run.init_from is not None and not (Path(run.init_from).expanduser() / "model.safetensors").is_file():
-        raise ValueError(f"run.init_from: no model.safetensors in {run.init_from} (a save_pretrained directory)")
+# -- an entry point's config -------------------------------------------------------------------------
+@dataclass
+class SectionedConfig:
+    """Base of every entry point's config: a dataclass whose fields are its sections.
+
+    Subclasses declare the sections as fields (a dataclass per section; ``model: dict`` for the
+    fields of ``MODEL_CONFIG``, a config class or the name of one exported by
+    :mod:`semcorr.modeling`, resolved on first use), and may set ``RENAMED`` (old dotted key -> new dotted key; the old
+    name then fails with a message giving the new one), ``DEFAULTS`` (dotted key -> value used when
+    the file does not set it) and override :meth:`validate` for checks across sections.
+    """
+
+    MODEL_CONFIG: ClassVar[Any] = None
+    RENAMED: ClassVar[dict[str, str]] = {}
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+    source: str | None = field(default=None, kw_only=True)
+
+    @classmethod
+    def sections(cls) -> dict[str, Any]:
+        """``{section name: its dataclass, or dict for the model section}``."""
+        hints = typing.get_type_hints(cls)
+        return {item.name: hints[item.name] for item in dataclasses.fields(cls) if item.name != "source"}
+
+    @classmethod
+    def from_dict(cls, raw, source: str | None = None):
+        """Validate a parsed YAML mapping (no side effects); ``ValueError`` naming the first bad key."""
+        raw = _apply(cls._check_names({} if raw is None else raw), {})
+        for dotted, value in cls.DEFAULTS.items():  # defaults fill only what the file leaves out
+            section, key = dotted.split(".", 1)
+            if raw.get(section) is None:
+                raw[section] = {}
+            if isinstance(raw[section], dict):
+                raw[section].setdefault(key, value)
+        values = {}
+        for name, kind in cls.sections().items():
+            if kind is dict or typing.get_origin(kind) is dict:
+                values[name] = check_section(name, raw.get(name), model_config_schema(cls.model_config_class()))
+            else:
+                values[name] = kind(**check_section(name, raw.get(name), dataclass_schema(kind)))
+        for section in values.values():  # every key and type is checked before any value
+            if hasattr(section, "validate"):
+                section.validate()
+        config = cls(**values, source=source)
+        config.validate()
+        return config
+
+    @classmethod
+    def model_config_class(cls):
+        """``MODEL_CONFIG`` as a class (a name is looked up in :mod:`semcorr.modeling`)."""
+        if isinstance(cls.MODEL_CONFIG, str):
+            import semcorr.modeling
+
+            return getattr(semcorr.modeling, cls.MODEL_CONFIG)
+        return cls.MODEL_CONFIG
+
+    @classmethod
+    def _check_names(cls, raw) -> dict:
+        if not isinstance(raw, dict):
+            raise ValueError(f"a config file must be a mapping of sections ({', '.join(cls.sections())}), "
+                             f"got {type(raw).__name__}")
+        for section, values in raw.items():
+            keys = [str(section)] + ([f"{section}.{key}" for key in values] if isinstance(values, dict) else [])
+            for key in keys:
+                if key in cls.RENAMED:
+                    raise ValueError(f"config key '{key}' is now '{cls.RENAMED[key]}'; rename it in the file")
+        unknown = sorted(set(map(str, raw)) - set(cls.sections()))
+        if unknown:
+            raise ValueError(f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(cls.sections())}")
+        return raw
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides=None):
+        """Read ``path`` (optional), apply ``overrides`` (``{"section.key": value}`` or ``--set`` strings), validate."""
+        raw, source = {}, None
+        if path is not None:
+            raw, source = read_config_file(path)
+            raw = raw if raw is not None else {}
+        if isinstance(raw, dict):
+            raw = _apply(raw, parse_overrides(overrides))
+        return cls.from_dict(raw, source=str(source) if source is not None else None)
+
+    def validate(self) -> None:
+        """Checks across sections (and of the model section); raise ``ValueError``."""
+        if self.MODEL_CONFIG is not None and isinstance(getattr(self, "model", None), dict):
+            check_model_fields(self.model_config_class(), self.model)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("source", None)
+        return out
+
+
+@dataclass
+class TrainingConfig(SectionedConfig):
+    """The sections of a training entry point: ``model`` (fields of ``MODEL_CONFIG``), ``data`` (the
+    task's dataclass: subclasses redeclare it), ``optim`` and ``run``."""
+
+    model: dict = field(default_factory=dict)
+    data: Any = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def check_model_fields(config_class, fields: dict) -> None:
+    """The model config's own checks (kernel sizes, levels, ...) and an existing weights file."""
+    try:
+        config_class(**fields)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model: {error}") from error
+    weights = fields.get("backbone_weights")
+    if weights not in (None, "timm", "embedded") and not Path(weights).expanduser().is_file():
+        raise ValueError(f"model.backbone_weights: file not found: {weights}")

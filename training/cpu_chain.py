@@ -43,10 +43,8 @@ def run_chain(output_dir, losses=("cal",), num_hypotheses: int = 4, num_threads:
         teacher_overrides, student_overrides: ``{"section.key": value}`` over the two YAML configs.
     """
     from semcorr.hub_datasets.skimage_pairs import main as write_pairs
-    from semcorr.modeling import PMDTeacherConfig
-    from semcorr.pipelines.evaluation import write_json_atomically
     from semcorr.training import distill_student, generate_hypotheses, train_teacher
-    from semcorr.training.config import load_config
+    from semcorr.utils import atomic_write_json
 
     output_dir = Path(output_dir)
     data = output_dir / "data"
@@ -56,8 +54,8 @@ def run_chain(output_dir, losses=("cal",), num_hypotheses: int = 4, num_threads:
 
     teacher = output_dir / "teacher"
     if not (teacher / "final").is_dir():
-        config = load_config(TEACHER_CONFIG, PMDTeacherConfig,
-                             {"run.output_dir": str(teacher), **common, **(teacher_overrides or {})})
+        config = train_teacher.TeacherConfig.load(
+            TEACHER_CONFIG, {"run.output_dir": str(teacher), **common, **(teacher_overrides or {})})
         train_teacher.train(config, resume=True)
 
     hypotheses = output_dir / "hypotheses"
@@ -74,7 +72,7 @@ def run_chain(output_dir, losses=("cal",), num_hypotheses: int = 4, num_threads:
     for loss in losses:
         student = output_dir / (f"student-{loss}" if student_seed is None else f"student-{loss}-seed{seed}")
         if not (student / "final").is_dir():
-            config = distill_student.load_distill_config(STUDENT_CONFIG, {
+            config = distill_student.DistillConfig.load(STUDENT_CONFIG, {
                 "data.hypotheses": str(hypotheses), "run.output_dir": str(student), "optim.seed": seed,
                 "model.distillation_loss": loss, **common, **(student_overrides or {}),
             })
@@ -82,7 +80,7 @@ def run_chain(output_dir, losses=("cal",), num_hypotheses: int = 4, num_threads:
         students[loss] = student / "final"
 
     results = evaluate_chain(teacher / "final", students, data / "stereo-test", seed, progress=progress)
-    write_json_atomically(results, output_dir / ("results.json" if student_seed is None else f"results-seed{seed}.json"))
+    atomic_write_json(output_dir / ("results.json" if student_seed is None else f"results-seed{seed}.json"), results)
     return results
 
 
@@ -95,7 +93,7 @@ def evaluate_chain(teacher_dir, students: dict, test_dir, student_seed: int = 0,
     import datasets
     from transformers import AutoModel
 
-    from semcorr.pipelines.evaluation import evaluate_model
+    from semcorr.evaluation import evaluate_model
     from semcorr.training.distill_student import build_student
 
     test = datasets.load_from_disk(str(test_dir))

@@ -10,6 +10,7 @@ from .file_io import (
     check_writable,
     json_safe,
     read_json,
+    replace_directory,
     sha256_bytes,
     sha256_file,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "check_writable",
     "json_safe",
     "read_json",
+    "replace_directory",
     "sha256_bytes",
     "sha256_file",
 ]

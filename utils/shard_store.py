@@ -41,16 +41,20 @@ class ShardStore:
         shard_size: pairs per shard.
         suffix: the payload files' extension (``".safetensors"``, ``".jsonl"``, ...).
         format_version: bumped when the payload layout changes.
+        what: how messages call the content (``"hypotheses"``, ``"pseudo labels"``).
     """
 
     def __init__(self, root, format: str, config: dict, num_pairs: int, shard_size: int,
-                 suffix: str = ".safetensors", format_version: int = 1):
+                 suffix: str = ".safetensors", format_version: int = 1, what: str = "the output"):
+        if suffix == ".json":
+            raise ValueError("a shard payload cannot use the suffix .json: the sidecars do (use .jsonl, .parquet, ...)")
         if num_pairs < 1 or shard_size < 1:
             raise ValueError(f"a shard store needs num_pairs >= 1 and shard_size >= 1, got {num_pairs} and {shard_size}")
         self.root = Path(root).expanduser()
         self.format, self.format_version, self.suffix = format, format_version, suffix
         self.config, self.num_pairs, self.shard_size = config, num_pairs, shard_size
         self.num_shards = -(-num_pairs // shard_size)
+        self.what = what
 
     # -- plan ----------------------------------------------------------------------------------------
     def bounds(self, shard: int) -> tuple[int, int]:
@@ -71,7 +75,7 @@ class ShardStore:
         """Refuse a directory that holds (the index of) a job with another config or format."""
         previous = read_json(self.root / INDEX_FILE)
         if previous is not None and (previous.get("config") != self.config or previous.get("format") != self.format):
-            raise ValueError(f"{self.root} holds the output of another run ({previous.get('format')}, config "
+            raise ValueError(f"{self.root} holds {self.what} of another run ({previous.get('format')}, config "
                              f"{previous.get('config')}); use a new output directory")
 
     # -- write ---------------------------------------------------------------------------------------
@@ -121,9 +125,9 @@ class ShardStore:
 
     # -- read ----------------------------------------------------------------------------------------
     @staticmethod
-    def open(root, format: str, verify: bool = True, cache_shards: int = 4) -> "ShardReader":
+    def open(root, format: str, verify: bool = True, cache_shards: int = 4, what: str = "") -> "ShardReader":
         """Open a finished store for reading (see :class:`ShardReader`)."""
-        return ShardReader(root, format, verify=verify, cache_shards=cache_shards)
+        return ShardReader(root, format, verify=verify, cache_shards=cache_shards, what=what)
 
 
 class ShardReader:
@@ -137,8 +141,9 @@ class ShardReader:
             differs from the index -- naming the shard.
     """
 
-    def __init__(self, root, format: str, verify: bool = True, cache_shards: int = 4):
+    def __init__(self, root, format: str, verify: bool = True, cache_shards: int = 4, what: str = ""):
         self.root = Path(root).expanduser()
+        self.noun = f"{what} shard".strip()  # "hypotheses shard" in messages
         index = read_json(self.root / INDEX_FILE)
         if index is None:
             raise ValueError(f"{self.root}: no readable {INDEX_FILE} (the job did not finish?)")
@@ -159,12 +164,12 @@ class ShardReader:
         for record in self.shards:
             path = self.root / record["file"]
             if not path.is_file():
-                raise ValueError(f"shard missing: {path}")
+                raise ValueError(f"{self.noun} missing: {path}")
             size = path.stat().st_size
             if size != record["size"]:
-                raise ValueError(f"corrupt shard {path}: {size} bytes, the index says {record['size']} (truncated?)")
+                raise ValueError(f"corrupt {self.noun} {path}: {size} bytes, the index says {record['size']} (truncated?)")
             if sha256_file(path) != record["sha256"]:
-                raise ValueError(f"corrupt shard {path}: its sha256 differs from {INDEX_FILE}")
+                raise ValueError(f"corrupt {self.noun} {path}: its sha256 differs from {INDEX_FILE}")
 
     def locate(self, pair_index: int) -> tuple[int, int]:
         """``(shard, row in the shard)`` of a pair; negative indices count from the end."""
@@ -182,7 +187,7 @@ class ShardReader:
         path = self.root / self.shards[shard]["file"]
         data = path.read_bytes()
         if sha256_bytes(data) != self.shards[shard]["sha256"]:
-            raise ValueError(f"corrupt shard {path}: its sha256 differs from {INDEX_FILE}")
+            raise ValueError(f"corrupt {self.noun} {path}: its sha256 differs from {INDEX_FILE}")
         return data
 
     def decoded(self, shard: int, decode):
@@ -194,7 +199,7 @@ class ShardReader:
         try:
             value = decode(data)
         except Exception as error:  # a decoder's own error type (SafetensorError, JSONDecodeError, ...)
-            raise ValueError(f"corrupt shard {self.root / self.shards[shard]['file']}: {error}") from error
+            raise ValueError(f"corrupt {self.noun} {self.root / self.shards[shard]['file']}: {error}") from error
         self._cache[shard] = value
         while len(self._cache) > self._cache_shards:
             self._cache.popitem(last=False)

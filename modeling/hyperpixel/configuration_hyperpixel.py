@@ -65,6 +65,14 @@ class HyperpixelFlowConfig(PretrainedConfig):
         super().__init__(**kwargs)
         self._validate()
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "HyperpixelFlowConfig":
+        """Config of a named zero-shot preset (``"dino-base"``, ``"dinov2-small"``, ``"dinov2-base"``,
+        ``"dinov2-base-nn"``; see :mod:`semcorr.modeling.presets`); keyword overrides change any field."""
+        from ..presets import preset_config
+
+        return preset_config(name, **overrides)
+
     def _validate(self):
         if not isinstance(self.backbone, str) or not self.backbone:
             raise ValueError(f"backbone must be a timm model name, got {self.backbone!r}")

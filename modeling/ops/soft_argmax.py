@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .geometry import grid_axes
@@ -76,18 +78,61 @@ def local_soft_argmax(
     Returns:
         ``grid_src_to_trg`` ``(B, 2, h_s, w_s)`` in grid units.
     """
-    batch_size, num_source, _ = scores.shape
-    (h_s, w_s), (h_t, w_t) = source_size, target_size
+    batch_size = scores.shape[0]
     best_value, best = scores.max(dim=2)  # (B, Ns)
-    offsets = torch.arange(-radius, radius + 1, device=scores.device)
-    offset_y, offset_x = torch.meshgrid(offsets, offsets, indexing="ij")
-    cols = (best % w_t)[..., None] + offset_x.reshape(-1)  # (B, Ns, K)
-    rows = (best // w_t)[..., None] + offset_y.reshape(-1)
-    inside = (cols >= 0) & (cols < w_t) & (rows >= 0) & (rows < h_t)
-    index = (rows.clamp(0, h_t - 1) * w_t + cols.clamp(0, w_t - 1))
-    values = torch.gather(scores, 2, index) / best_value.clamp_min(1e-12)[..., None]
-    weights = torch.softmax((beta * values).masked_fill(~inside, float("-inf")), dim=2)
-    axis_x, axis_y = grid_axes(h_t, w_t, device=scores.device, dtype=scores.dtype)
-    xs, ys = axis_x[cols.clamp(0, w_t - 1)], axis_y[rows.clamp(0, h_t - 1)]  # outside cells have weight 0
-    grid = torch.stack([(weights * xs).sum(-1), (weights * ys).sum(-1)], dim=1)
-    return grid.view(batch_size, 2, h_s, w_s)
+    around = arg_max_neighbourhood(best, target_size, radius)
+    grid = soft_argmax_around(torch.gather(scores, 2, around.index), best_value, around, target_size, beta)
+    return grid.view(batch_size, 2, *source_size)
+
+
+class Neighbourhood(NamedTuple):
+    """The ``K = (2r+1)^2`` cells around each arg-max of an ``h x w`` map, clamped into the map.
+
+    Cell ``k = i * (2r+1) + j`` is row offset ``i - r`` and column offset ``j - r``.
+    """
+
+    rows: torch.Tensor  # (B, N, 2r+1) clamped rows
+    cols: torch.Tensor  # (B, N, 2r+1) clamped columns
+    index: torch.Tensor  # (B, N, K) flat (row-major) cells
+    outside: torch.Tensor  # (B, N, K) whether the unclamped cell lies outside the map
+
+
+def arg_max_neighbourhood(best: torch.Tensor, size: tuple[int, int], radius: int) -> Neighbourhood:
+    """The cells around each arg-max ``best (B, N)`` (flat, row-major) of an ``h x w`` map."""
+    height, width = size
+    offsets = torch.arange(-radius, radius + 1, device=best.device)
+    rows, cols = (best // width)[..., None] + offsets, (best % width)[..., None] + offsets  # (B, N, 2r+1)
+    # Rows and columns separately (small), then one outer combination per (B, N, K) tensor.
+    outside = ((rows < 0) | (rows >= height))[..., :, None] | ((cols < 0) | (cols >= width))[..., None, :]
+    rows, cols = rows.clamp(0, height - 1), cols.clamp(0, width - 1)
+    index = (rows * width)[..., :, None] + cols[..., None, :]
+    return Neighbourhood(rows, cols, index.flatten(-2), outside.flatten(-2))
+
+
+def soft_argmax_around(
+    neighbour_scores: torch.Tensor,
+    best_value: torch.Tensor,
+    around: Neighbourhood,
+    size: tuple[int, int],
+    beta: float = 20.0,
+) -> torch.Tensor:
+    """Softmax-weighted mean position of the cells around each arg-max.
+
+    Args:
+        neighbour_scores: ``(B, N, K)`` scores of the cells of ``around``.
+        best_value: ``(B, N)`` the arg-max scores (row maxima).
+        around: from :func:`arg_max_neighbourhood` on the ``size = (h, w)`` map.
+
+    Returns:
+        ``(B, 2, N)`` (x, y) in grid units of that map.
+    """
+    height, width = size
+    side = around.rows.shape[-1]
+    values = neighbour_scores / best_value.clamp_min(1e-12)[..., None]
+    weights = torch.softmax((beta * values).masked_fill(around.outside, float("-inf")), dim=2)
+    axis_x, axis_y = grid_axes(height, width, device=neighbour_scores.device, dtype=neighbour_scores.dtype)
+    # (B, 2, N, K) cell positions, built from the small per-row and per-column lookups.
+    xs = axis_x[around.cols][..., None, :].expand(*around.cols.shape[:-1], side, side)
+    ys = axis_y[around.rows][..., :, None].expand(*around.rows.shape[:-1], side, side)
+    positions = torch.stack([xs.flatten(-2), ys.flatten(-2)], dim=1)  # outside cells have weight 0
+    return (weights[:, None] * positions).sum(-1)

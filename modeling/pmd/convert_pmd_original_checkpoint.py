@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from semcorr.utils import sha256_file
+from semcorr.utils import atomic_directory, sha256_file
 
 from ..backbone import load_backbone_weights
 from ..image_processing_semcorr import image_processor_for
@@ -257,21 +255,10 @@ def convert_pmd_checkpoint(
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not overwrite)):
         raise ValueError(f"output directory {target} exists and is not empty (pass overwrite=True / --overwrite)")
     model = build_pmd_student(checkpoint, backbone_weights, config_overrides)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
-    previous = None
-    try:
+    with atomic_directory(target) as staging:
         model.save_pretrained(staging)
         image_processor_for(model.config).save_pretrained(staging)
         (staging / "README.md").write_text(_model_card(checkpoint, sha256_file(checkpoint), model.config, backbone_weights))
-        if target.exists() and any(target.iterdir()):
-            previous = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".old-{target.name}-"))
-            os.replace(target, previous / "old")
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
     return target
 
 

@@ -306,65 +306,67 @@ def invert_grid(
     batch_size, _, height, width = grid_trg_to_src.shape
     source_size = (height, width) if source_size is None else tuple(source_size)
     dtype = grid_trg_to_src.dtype
-    device = grid_trg_to_src.device
     affine = _fit_affine(grid_trg_to_src)  # (B, 2, 3) float64
     fit_inverse = torch.linalg.inv(affine[:, :, :2])
     fit_det = torch.linalg.det(affine[:, :, :2]).to(dtype).view(batch_size, 1)
     fit_inverse_flat = fit_inverse.to(dtype).reshape(batch_size, 1, 4)  # (a, b, c, d) row-major
-    targets = _pixel_centre_grid(source_size, batch_size, device=device, dtype=dtype)  # p (B, N, 2)
+    targets = _pixel_centre_grid(source_size, batch_size, device=grid_trg_to_src.device, dtype=dtype)  # p (B, N, 2)
     estimate = ((targets.to(torch.float64) - affine[:, None, :, 2]) @ fit_inverse.transpose(1, 2)).to(dtype)
-
-    # Field of g and its Jacobian (dg/dx, dg/dy per grid unit): (B, 6, H, W).
-    d_dx = torch.gradient(grid_trg_to_src, spacing=2.0 / width, dim=3)[0] if width > 1 else None
-    d_dy = torch.gradient(grid_trg_to_src, spacing=2.0 / height, dim=2)[0] if height > 1 else None
-    if d_dx is None or d_dy is None:  # a single row / column: fall back to the affine fit
-        d_dx = affine[:, :, 0].to(dtype).view(batch_size, 2, 1, 1).expand_as(grid_trg_to_src)
-        d_dy = affine[:, :, 1].to(dtype).view(batch_size, 2, 1, 1).expand_as(grid_trg_to_src)
-    # J = [[dgx/dx, dgx/dy], [dgy/dx, dgy/dy]]
-    field = torch.cat([grid_trg_to_src, d_dx[:, :1], d_dy[:, :1], d_dx[:, 1:], d_dy[:, 1:]], dim=1)
-    lower = torch.tensor([-1 + 1.0 / width, -1 + 1.0 / height], device=device, dtype=dtype)
-    upper = -lower
-
-    def evaluate(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``g(points)`` (B, N, 2) and ``J(points)`` (B, N, 4), extended linearly past the border."""
-        clamped = torch.maximum(torch.minimum(points, upper), lower)
-        sampled = F.grid_sample(
-            field, clamped.unsqueeze(1), mode="bilinear", padding_mode="border", align_corners=False
-        )
-        sampled = sampled[:, :, 0].transpose(1, 2)  # (B, N, 6)
-        jacobian = sampled[..., 2:]
-        offset = points - clamped
-        value = sampled[..., :2] + torch.stack(
-            [
-                jacobian[..., 0] * offset[..., 0] + jacobian[..., 1] * offset[..., 1],
-                jacobian[..., 2] * offset[..., 0] + jacobian[..., 3] * offset[..., 1],
-            ],
-            dim=-1,
-        )
-        return value, jacobian
-
+    field = _value_and_jacobian_field(grid_trg_to_src, affine)
     for _ in range(iterations):
-        value, jacobian = evaluate(estimate)
-        a, b, c, d = jacobian.unbind(-1)
-        det = a * d - b * c
-        usable = (det * fit_det.sign() > 1e-3 * fit_det.abs()).unsqueeze(-1)
-        safe_det = torch.where(usable[..., 0], det, torch.ones_like(det))
-        local_inverse = torch.stack([d, -b, -c, a], dim=-1) / safe_det.unsqueeze(-1)
-        inverse = torch.where(usable, local_inverse, fit_inverse_flat)
-        error = value - targets
-        step = torch.stack(
-            [
-                inverse[..., 0] * error[..., 0] + inverse[..., 1] * error[..., 1],
-                inverse[..., 2] * error[..., 0] + inverse[..., 3] * error[..., 1],
-            ],
-            dim=-1,
-        )
-        estimate = estimate - step
+        value, jacobian = _read_field(field, estimate)
+        estimate = estimate - _newton_step(value - targets, jacobian, fit_det, fit_inverse_flat)
     grid_src_to_trg = _points_to_field(estimate, source_size)
     if not return_residual:
         return grid_src_to_trg
-    residual = (evaluate(estimate)[0] - targets).norm(dim=-1).reshape(batch_size, *source_size)
+    residual = (_read_field(field, estimate)[0] - targets).norm(dim=-1).reshape(batch_size, *source_size)
     return grid_src_to_trg, residual
+
+
+def _value_and_jacobian_field(grid: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """``g`` and its central-difference Jacobian per grid unit as one field ``(B, 6, H, W)``:
+    ``g_x, g_y, dg_x/dx, dg_x/dy, dg_y/dx, dg_y/dy`` (a single row or column uses the affine fit)."""
+    batch_size, _, height, width = grid.shape
+    d_dx = torch.gradient(grid, spacing=2.0 / width, dim=3)[0] if width > 1 else None
+    d_dy = torch.gradient(grid, spacing=2.0 / height, dim=2)[0] if height > 1 else None
+    if d_dx is None or d_dy is None:
+        d_dx = affine[:, :, 0].to(grid.dtype).view(batch_size, 2, 1, 1).expand_as(grid)
+        d_dy = affine[:, :, 1].to(grid.dtype).view(batch_size, 2, 1, 1).expand_as(grid)
+    return torch.cat([grid, d_dx[:, :1], d_dy[:, :1], d_dx[:, 1:], d_dy[:, 1:]], dim=1)
+
+
+def _read_field(field: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g(points)`` ``(B, N, 2)`` and ``J(points)`` ``(B, N, 4)`` read bilinearly from ``field``.
+
+    Past the outermost pixel centres ``g`` is extended to first order with the Jacobian at the
+    border, so points whose match lies outside the image come out outside ``[-1, 1]``.
+    """
+    height, width = field.shape[-2:]
+    lower = torch.tensor([-1 + 1.0 / width, -1 + 1.0 / height], device=field.device, dtype=field.dtype)
+    clamped = torch.maximum(torch.minimum(points, -lower), lower)
+    sampled = F.grid_sample(field, clamped.unsqueeze(1), mode="bilinear", padding_mode="border", align_corners=False)
+    sampled = sampled[:, :, 0].transpose(1, 2)  # (B, N, 6)
+    jacobian, offset = sampled[..., 2:], points - clamped
+    value = sampled[..., :2] + _apply_2x2(jacobian, offset)
+    return value, jacobian
+
+
+def _apply_2x2(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Row-major ``(..., 4)`` 2 x 2 matrices times ``(..., 2)`` vectors."""
+    return torch.stack([matrices[..., 0] * vectors[..., 0] + matrices[..., 1] * vectors[..., 1],
+                        matrices[..., 2] * vectors[..., 0] + matrices[..., 3] * vectors[..., 1]], dim=-1)
+
+
+def _newton_step(error: torch.Tensor, jacobian: torch.Tensor, fit_det: torch.Tensor,
+                 fit_inverse_flat: torch.Tensor) -> torch.Tensor:
+    """``J^{-1} (g(x) - p)``; where ``J`` is near-singular or folds (its determinant's sign differs from
+    the affine fit's), the fit's inverse linear part replaces ``J^{-1}``."""
+    a, b, c, d = jacobian.unbind(-1)
+    det = a * d - b * c
+    usable = (det * fit_det.sign() > 1e-3 * fit_det.abs()).unsqueeze(-1)
+    safe_det = torch.where(usable[..., 0], det, torch.ones_like(det))
+    local_inverse = torch.stack([d, -b, -c, a], dim=-1) / safe_det.unsqueeze(-1)
+    return _apply_2x2(torch.where(usable, local_inverse, fit_inverse_flat), error)
 
 
 # -- flips and colour ------------------------------------------------------------------------------

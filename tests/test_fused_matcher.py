@@ -1,0 +1,185 @@
+"""The fused matcher (correlation -> RHM -> arg-max both ways over blocks of source rows) against
+the unfused path it replaces: same fields, confidences and keypoints; one score volume held."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from semcorr.modeling import SemanticCorrespondenceImageProcessor, dense_cosine_correlation, regularized_hough_matching
+from semcorr.modeling.ops.fused_matching import _Scores, fused_hough_matching
+from semcorr.modeling.ops.geometry import cell_axes
+from semcorr.modeling.ops.rhm import hough_bins
+from semcorr.modeling.ops.soft_argmax import local_soft_argmax
+
+from .conftest import skimage_data, tiny_model
+
+
+def _assert_same_match(fused, unfused, target_size):
+    """Grids to 1e-5 grid units, keypoints to the same in target pixels, confidences and
+    keypoint scores to 1e-5 relative."""
+    for key in ("grid_src_to_trg", "grid_trg_to_src"):
+        torch.testing.assert_close(fused[key], unfused[key], rtol=0, atol=1e-5, msg=key)
+    pixels_per_grid_unit = max(target_size) / 2
+    torch.testing.assert_close(fused.target_keypoints, unfused.target_keypoints, rtol=0,
+                               atol=1e-5 * pixels_per_grid_unit)
+    for key in ("confidence", "keypoint_scores"):
+        torch.testing.assert_close(fused[key], unfused[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def _reference_fields(source_features, target_features, source_size, target_size, power=3.0, num_bins=8192,
+                      radius=1, beta=20.0):
+    """The unfused composition: full volume, RHM, local soft-argmax of it and of its transpose."""
+    (h_s, w_s), (h_t, w_t) = source_features.shape[-2:], target_features.shape[-2:]
+    scores = dense_cosine_correlation(source_features, target_features, normalize=False).clamp_min(0).pow(power)
+    if num_bins is not None:
+        scores = regularized_hough_matching(scores, cell_axes(h_s, w_s, source_size), cell_axes(h_t, w_t, target_size),
+                                            source_size, target_size, num_bins=num_bins)
+    forward = local_soft_argmax(scores, (h_s, w_s), (h_t, w_t), radius=radius, beta=beta)
+    backward = local_soft_argmax(scores.transpose(1, 2), (h_t, w_t), (h_s, w_s), radius=radius, beta=beta)
+    return forward, scores.amax(dim=2), backward, scores.amax(dim=1)
+
+
+def _fused_fields(source_features, target_features, source_size, target_size, **kwargs):
+    (h_s, w_s), (h_t, w_t) = source_features.shape[-2:], target_features.shape[-2:]
+    return fused_hough_matching(source_features, target_features, cell_axes(h_s, w_s, source_size),
+                                cell_axes(h_t, w_t, target_size), source_size, target_size, **kwargs)
+
+
+def _assert_same_fields(fused, reference):
+    forward, forward_best, backward, backward_best = reference
+    torch.testing.assert_close(fused.grid_src_to_trg, forward, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused.grid_trg_to_src, backward, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused.best_src_to_trg, forward_best, rtol=1e-5, atol=0)
+    torch.testing.assert_close(fused.best_trg_to_src, backward_best, rtol=1e-5, atol=0)
+
+
+def _unit_features(*shape, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=generator), dim=1)
+
+
+# -- the op ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_bins", [8192, 64, None])
+@pytest.mark.parametrize("block_elements", [1, 700, 1 << 20])  # one source column per block, a short last block, one block
+@pytest.mark.parametrize(
+    "source_shape, target_shape, source_size, target_size",
+    [
+        ((5, 7), (6, 4), (40, 56), (60, 32)),  # different images, grids and strides in x and y: support gathered
+        ((6, 5), (6, 5), (48, 40), (48, 40)),  # equal grids: support as a strided view of the offset table
+    ],
+)
+def test_fused_hough_matching_equals_unfused_composition(num_bins, block_elements, source_shape, target_shape,
+                                                         source_size, target_size):
+    source = _unit_features(2, 16, *source_shape, seed=0)
+    target = _unit_features(2, 16, *target_shape, seed=1)
+    fused = _fused_fields(source, target, source_size, target_size, num_bins=num_bins, block_elements=block_elements)
+    assert fused.grid_src_to_trg.shape == (2, 2, *source_shape) and fused.grid_trg_to_src.shape == (2, 2, *target_shape)
+    _assert_same_fields(fused, _reference_fields(source, target, source_size, target_size, num_bins=num_bins))
+
+
+def test_equal_grids_take_the_offset_table_and_different_ones_do_not():
+    def scores(source_shape, target_shape, source_size, target_size):
+        bins = hough_bins(cell_axes(*source_shape, source_size), cell_axes(*target_shape, target_size),
+                          source_size, target_size, 8192)
+        return _Scores(torch.zeros(1, 1, 1), torch.rand(1, *bins[2]), bins, source_shape, target_shape)
+
+    assert scores((6, 5), (6, 5), (48, 40), (48, 40)).offset_table is not None
+    assert scores((5, 7), (6, 4), (40, 56), (60, 32)).offset_table is None
+
+
+@pytest.mark.parametrize("radius, beta, power", [(2, 5.0, 2.0), (0, 20.0, 1.0)])
+def test_fused_hough_matching_follows_refinement_and_power_settings(radius, beta, power):
+    source, target = _unit_features(1, 8, 9, 9, seed=2), _unit_features(1, 8, 9, 9, seed=3)
+    size = (72, 72)
+    fused = _fused_fields(source, target, size, size, power=power, radius=radius, beta=beta, block_elements=300)
+    _assert_same_fields(fused, _reference_fields(source, target, size, size, power=power, radius=radius, beta=beta))
+
+
+def test_fused_hough_matching_resolves_ties_like_the_unfused_path():
+    # A four-vector palette makes many exactly equal similarities (and equal votes where two cells
+    # share a bin); zero features give all-zero rows and columns, whose arg-max is the first cell.
+    palette = _unit_features(4, 8, 1, 1, seed=4)[:, :, 0, 0]
+    generator = torch.Generator().manual_seed(5)
+    source = palette[torch.randint(0, 4, (1, 8, 8), generator=generator)].permute(0, 3, 1, 2).contiguous()
+    target = palette[torch.randint(0, 4, (1, 8, 8), generator=generator)].permute(0, 3, 1, 2).contiguous()
+    source[:, :, 2, 3] = 0
+    target[:, :, 5, 1] = 0
+    target[:, :, 0, 0] = -palette.sum(0)  # negative cosine with most of the palette
+    size = (64, 64)
+    for num_bins in (8192, 64, None):
+        fused = _fused_fields(source, target, size, size, num_bins=num_bins, block_elements=64)
+        _assert_same_fields(fused, _reference_fields(source, target, size, size, num_bins=num_bins))
+        assert fused.best_trg_to_src[0, 5 * 8 + 1] == 0
+
+
+class _LargeStorages(TorchDispatchMode):
+    """Records the storages of at least ``min_bytes`` that any operation returns."""
+
+    def __init__(self, min_bytes: int):
+        super().__init__()
+        self.min_bytes, self.storages = min_bytes, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(output)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().nbytes() >= self.min_bytes:
+                self.storages.add(tensor.untyped_storage().data_ptr())
+        return output
+
+
+def test_fused_hough_matching_holds_one_score_volume():
+    source, target = _unit_features(1, 16, 16, 16, seed=6), _unit_features(1, 16, 16, 16, seed=7)
+    size = (128, 128)
+    half_volume = 256 * 256 * 4 // 2
+    with _LargeStorages(half_volume) as fused:
+        _fused_fields(source, target, size, size, block_elements=2 * 16 * 256)
+    with _LargeStorages(half_volume) as unfused:
+        _reference_fields(source, target, size, size)
+    assert len(fused.storages) == 1
+    # Correlation, clamped, powered, column-pairs copy, support, confidence: several at once
+    # (a freed one's address may be reused, so fewer distinct addresses are seen).
+    assert len(unfused.storages) >= 3
+
+
+# -- the model ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides", [{}, dict(use_rhm=False), dict(hough_bins=256, refine_radius=2)])
+def test_match_fused_equals_unfused_on_random_inputs(overrides):
+    model = tiny_model(seed=0, **overrides)
+    generator = torch.Generator().manual_seed(8)
+    source = torch.randn(2, 3, 64, 64, generator=generator)
+    target = torch.randn(2, 3, 48, 80, generator=generator)
+    keypoints = torch.rand(2, 9, 2, generator=generator) * 48
+    fused = model.match(source, target, keypoints)
+    _assert_same_match(fused, model._match(source, target, keypoints, fused=False), (48, 80))
+    assert torch.equal(model._match(source, target, keypoints, fused=True).grid_src_to_trg, fused.grid_src_to_trg)
+
+
+def _skimage_pair(name_source, name_target, size):
+    processor = SemanticCorrespondenceImageProcessor(
+        size={"height": size[0], "width": size[1]}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    images = [Image.open(skimage_data() / name).convert("RGB") for name in (name_source, name_target)]
+    return processor.preprocess(images)["pixel_values"]
+
+
+@pytest.mark.parametrize(
+    "names, source_size, target_size",
+    [
+        (("motorcycle_left.png", "motorcycle_right.png"), (448, 448), (448, 448)),
+        (("chelsea.png", "chelsea.png"), (256, 384), (320, 224)),  # different sizes and aspect ratios
+    ],
+)
+def test_match_fused_equals_unfused_on_the_embedded_model(default_model, names, source_size, target_size):
+    source = _skimage_pair(*names, source_size)[:1]
+    target = _skimage_pair(*names, target_size)[1:]
+    generator = torch.Generator().manual_seed(9)
+    keypoints = torch.rand(1, 25, 2, generator=generator) * torch.tensor([source_size[1], source_size[0]])
+    fused = default_model.match(source, target, keypoints)
+    unfused = default_model._match(source, target, keypoints, fused=False)
+    _assert_same_match(fused, unfused, target_size)
+    assert fused.confidence.amax().item() == pytest.approx(1.0)
