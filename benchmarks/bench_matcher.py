@@ -252,6 +252,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device for the latency table (memory runs on the CPU)")
     parser.add_argument("--correlation-size", type=int, default=768, help="input side of the memory check (default 768)")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -268,6 +269,13 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, device {args.device}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} rounds after {args.warmup} warm-up rounds; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
+    if not args.skip_latency:
+        print_latency(args)
+    if not args.skip_memory:
+        print_memory(args)
+
+
+def print_latency(args) -> None:
     print("### `match` against the backbone alone (ms per pair)\n")
     print(f"| input | batch | cells/image | `match` | backbone alone | `match` / backbone alone (target ≤ {TARGET_RATIO}x) "
           "| per-round ratios | fastest / fastest | in `match`: backbone | fused matching | rest | unfused `match` "
@@ -285,10 +293,11 @@ def main(argv=None) -> None:
                   f"{ms(row['backbone'])} ({share['backbone']:.0f}%) | "
                   f"{ms(row['fused'])} ({share['fused']:.0f}%) | {ms(row['rest'])} ({share['rest']:.0f}%) | "
                   f"{ms(row['unfused'])} | {ms(row['pipeline'])} |", flush=True)
-    print(f"\nload average after the latency table: {os.getloadavg()[0]:.2f} (other processes share the CPU)")
-    if args.skip_memory:
-        return
-    print("\n### Peak resident memory of a pipeline call (fresh process per row, CPU)\n")
+    print(f"\nload average after the latency table: {os.getloadavg()[0]:.2f} (other processes share the CPU)\n")
+
+
+def print_memory(args) -> None:
+    print("### Peak resident memory of a pipeline call (fresh process per row, CPU)\n")
     print("| input | batch | RSS after loading (MiB) | peak RSS (MiB) | added by matching (MiB) |")
     print("|---|---:|---:|---:|---:|")
     for size in args.sizes:

@@ -1,4 +1,4 @@
-"""The ``semcorr`` command line: ``match``, ``demo``, ``evaluate``.
+"""The ``semcorr`` command line: ``match``, ``demo``, ``space``, ``evaluate``.
 
 Bad input prints one line to stderr and exits with status 2; no traceback.
 
@@ -50,6 +50,10 @@ def _build_parser() -> argparse.ArgumentParser:
     match.add_argument("target")
     match.add_argument("--keypoints", help="source points 'x,y;x,y' in source pixels (default: top-k mutual matches)")
     match.add_argument("--top-k", type=int, default=50, help="matches to return without --keypoints (default 50)")
+    match.add_argument(
+        "--score-threshold", type=float, default=0.0,
+        help="without --keypoints, keep only matches scoring at least this (absolute confidence in [0, 1]; default 0)",
+    )
     match.add_argument("--model", help="model directory or Hub id (default: the embedded model)")
     match.add_argument(
         "--out", help="write a picture of the matches to this file (default: matches.png when neither --json nor "
@@ -63,6 +67,10 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--model", help="model directory or Hub id (default: the embedded model)")
 
+    space = commands.add_parser("space", help="serve the demo Space (Gradio) in the browser: click points, see matches")
+    space.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1; 0.0.0.0 for all)")
+    space.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+
     evaluate = commands.add_parser("evaluate", help="PCK of a model on PF-PASCAL, PF-WILLOW or SPair-71k")
     from .evaluation import add_evaluate_arguments
 
@@ -73,6 +81,8 @@ def _build_parser() -> argparse.ArgumentParser:
 def _match(args) -> None:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    if not 0 <= args.score_threshold <= 1:
+        raise ValueError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
     keypoints = None if args.keypoints is None else parse_keypoints(args.keypoints)
     out = args.out if args.out is not None else (None if args.json else "matches.png")
     if out:
@@ -91,7 +101,9 @@ def _match(args) -> None:
     if keypoints is not None:
         request["source_keypoints"] = keypoints
     model, processor, _ = load_matcher(args.model or None)  # None: the embedded default
-    result = pipeline(TASK, model=model, image_processor=processor)(request, top_k=args.top_k)
+    result = pipeline(TASK, model=model, image_processor=processor)(
+        request, top_k=args.top_k, score_threshold=args.score_threshold
+    )
     if args.json:
         print(json.dumps(result))
     else:
@@ -101,6 +113,19 @@ def _match(args) -> None:
     if out:
         path = save_image(draw_matches(source, target, result), out)
         print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+
+
+def _space(args) -> None:
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError('semcorr space needs gradio: pip install "semcorr[demo]"') from None
+    _quiet_libraries()
+    from semcorr.spaces.demo.app import serve
+
+    serve(args.host, args.port)
 
 
 def check_writable(path) -> None:
@@ -140,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 from .demo import run_demo
 
                 run_demo(args.out, args.points, args.seed, model=args.model)
+            elif args.command == "space":
+                _space(args)
             else:
                 from .evaluation import run_evaluate_command
 

@@ -26,13 +26,13 @@ from .drawing import panel_sizes, save_image
 
 ALPHAS = (0.05, 0.1)
 #: The cross-instance pair drawn and scored: (source, target) keys of the big-cat set.
-CROSS_INSTANCE_PAIR = ("chelsea", "cheetah2")
+CROSS_INSTANCE_PAIR = ("chelsea", "lion")
 #: Alpha at which a drawn point counts as correct: dense same-scene pairs / the cross-instance pair.
 DENSE_ALPHA, CROSS_ALPHA = 0.05, 0.1
 #: Points drawn per dense pair (farthest-point subset of the scored ones).
 DENSE_SHOWN = 40
-#: Height of every image on the picture, in pixels.
-PANEL_HEIGHT = 360
+#: Height of the images on the picture, in pixels: the dense pairs, and the cross-instance pair (whose faces are small).
+PANEL_HEIGHT, CROSS_PANEL_HEIGHT = 360, 480
 CAPTION_HEIGHT = 30
 GREEN, RED = (26, 152, 80), (215, 48, 39)
 GRADIO_HINT = 'needs gradio, which ships the photos: pip install "semcorr[demo]" (or pip install gradio)'
@@ -102,18 +102,17 @@ def _caption(text: str, width: int) -> Image.Image:
     return band
 
 
-def _draw_pair(source: Image.Image, target: Image.Image, result: PairResult) -> Image.Image:
-    """One panel: the images side by side at :data:`PANEL_HEIGHT`, a line per drawn point.
+def _draw_pair(source: Image.Image, target: Image.Image, result: PairResult, panel_height: int) -> Image.Image:
+    """One panel: the images side by side, ``panel_height`` high, a line per drawn point.
 
     Records in ``result.source_xy`` / ``target_xy`` where each dot is on the panel.
     """
-    (left_w, height), (right_w, _) = panel_sizes(source.size, target.size, PANEL_HEIGHT)
-    # Both images at PANEL_HEIGHT, even small ones (the cats are 256 pixels high), so every pair reads alike.
+    (left_w, height), (right_w, _) = panel_sizes(source.size, target.size, panel_height)
     scale_source = np.array([left_w / source.width, height / source.height])
     scale_target = np.array([right_w / target.width, height / target.height])
-    if height < PANEL_HEIGHT:
-        factor = PANEL_HEIGHT / height
-        left_w, right_w, height = round(left_w * factor), round(right_w * factor), PANEL_HEIGHT
+    if height < panel_height:  # small images are enlarged, so that every panel reads alike
+        factor = panel_height / height
+        left_w, right_w, height = round(left_w * factor), round(right_w * factor), panel_height
         scale_source, scale_target = scale_source * factor, scale_target * factor
     canvas = Image.new("RGB", (left_w + right_w, height), "white")
     canvas.paste(source.resize((left_w, height), Image.BILINEAR, reducing_gap=3.0), (0, 0))
@@ -126,13 +125,14 @@ def _draw_pair(source: Image.Image, target: Image.Image, result: PairResult) -> 
     colors = [GREEN if ok else RED for ok in result.correct[shown]]
     named = bool(result.keypoint_names)
     width, radius = (3, 6) if named else (2, 4)
-    if named:  # the annotated target points: a ring of the PCK radius around each, in white
+    if named:  # the annotated target points: a white cross; around a missed one, the ring it had to land in
         truth_xy = result.truth[shown] * scale_target + [left_w, 0]
         ring = result.alpha_drawn * max(target.size) * scale_target[1]
-        for x, y in truth_xy:
-            draw.ellipse([x - ring, y - ring, x + ring, y + ring], outline=(255, 255, 255), width=1)
-            draw.line([(x - 5, y), (x + 5, y)], fill=(255, 255, 255), width=2)
-            draw.line([(x, y - 5), (x, y + 5)], fill=(255, 255, 255), width=2)
+        for (x, y), ok in zip(truth_xy, result.correct[shown]):
+            if not ok:
+                draw.ellipse([x - ring, y - ring, x + ring, y + ring], outline=(255, 255, 255), width=2)
+            draw.line([(x - 6, y), (x + 6, y)], fill=(255, 255, 255), width=2)
+            draw.line([(x, y - 6), (x, y + 6)], fill=(255, 255, 255), width=2)
     order = np.argsort(result.correct[shown], kind="stable")  # wrong ones first: correct lines on top
     for index in order:
         draw.line([tuple(source_xy[index]), tuple(target_xy[index])], fill=colors[index], width=width)
@@ -167,8 +167,9 @@ def run_demo(out: str | os.PathLike = "demo.png", num_points: int = 500, seed: i
     image) on ``num_points`` ground-truth correspondences of each dense pair and on the annotated
     keypoints of the cross-instance pair. Writes ``out``: ``num_shown`` well spread points per dense
     pair (green when correct at alpha = 0.05, red when not) and every keypoint of the cross-instance
-    pair with its name (green when correct at alpha = 0.1, red when not; the white ring around each
-    annotated point is that 0.1 radius).
+    pair with its name (green when correct at alpha = 0.1, red when not; a white cross marks each
+    annotated point, and a white ring of radius 0.1 x the longer side around a missed one shows where
+    the transfer had to land). Without gradio the cross-instance row says how to get its photos.
 
     Returns:
         ``{row name: PairResult}``; ``result.pck`` is ``{alpha: pck}``.
@@ -210,14 +211,14 @@ def run_demo(out: str | os.PathLike = "demo.png", num_points: int = 500, seed: i
             keypoint_names=names,
         )
         results[pair.name] = result
-        panel = _draw_pair(pair.source_image, pair.target_image, result)
+        panel = _draw_pair(pair.source_image, pair.target_image, result, CROSS_PANEL_HEIGHT if names else PANEL_HEIGHT)
         if names:
-            text = (f"Different animals: {CROSS_INSTANCE_PAIR[0]} -> {CROSS_INSTANCE_PAIR[1]}, annotated keypoints. "
-                    f"PCK@0.1 {scores[0.1]:.2f} ({int(result.correct.sum())}/{len(predicted)}); "
-                    "green: within the ring (0.1 x longer side)")
+            text = (f"Different animals ({CROSS_INSTANCE_PAIR[0]} -> {CROSS_INSTANCE_PAIR[1]}): PCK@0.1 {scores[0.1]:.2f} "
+                    f"({int(result.correct.sum())}/{len(predicted)}). Green: within 0.1 x longer side of the annotation "
+                    "(+); red: not (ring: the limit)")
         else:
-            text = (f"{pair.name.capitalize()}: {len(result.shown)} of {len(predicted)} points shown. "
-                    f"PCK@0.05 {scores[0.05]:.3f}; green: within 0.05 x longer side, red: not")
+            text = (f"{pair.name.capitalize()}, same scene: {len(result.shown)} of {len(predicted)} points, "
+                    f"PCK@0.05 {scores[0.05]:.3f}. Green: within 0.05 x longer side of the truth; red: not")
         panels.append((result, _caption(text, panel.width), panel))
     if cross is None:
         name = "cats (cross-instance)"

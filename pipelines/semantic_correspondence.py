@@ -25,8 +25,14 @@ class SemanticCorrespondencePipeline(Pipeline):
     original pixels of each image. With ``source_keypoints`` the targets are their transfers; without,
     the ``top_k`` most confident mutual matches (sorted by score).
 
-    Call arguments: ``top_k`` (default 50), ``batch_size`` (pairs per forward, default 8),
+    Call arguments: ``top_k`` (default 50), ``score_threshold`` (top-k mode: keep only matches
+    scoring at least this, default 0), ``batch_size`` (pairs per forward, default 8),
     ``cycle_tolerance`` (cells a mutual match may miss its round trip by, default 1.0).
+
+    Scores are the model's absolute confidences (``CorrespondenceOutput.confidence``), comparable
+    across pairs: with the embedded default, true matches of a same-scene pair score about 0.5-0.8,
+    matches between unrelated images (noise and a photo, a flat image and itself) below 0.35.
+    Transferred ``source_keypoints`` are all returned, each with its score.
     """
 
     _load_processor = False
@@ -39,9 +45,11 @@ class SemanticCorrespondencePipeline(Pipeline):
         if self.image_processor is None:
             self.image_processor = image_processor_for(self.model.config)
 
-    def _sanitize_parameters(self, top_k=None, cycle_tolerance=None, **kwargs):
+    def _sanitize_parameters(self, top_k=None, cycle_tolerance=None, score_threshold=None, **kwargs):
         if kwargs:
-            raise TypeError(f"unexpected arguments {sorted(kwargs)}; valid: top_k, cycle_tolerance, batch_size")
+            raise TypeError(
+                f"unexpected arguments {sorted(kwargs)}; valid: top_k, score_threshold, cycle_tolerance, batch_size"
+            )
         forward_params = {}
         if top_k is not None:
             if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
@@ -49,6 +57,11 @@ class SemanticCorrespondencePipeline(Pipeline):
             forward_params["top_k"] = top_k
         if cycle_tolerance is not None:
             forward_params["cycle_tolerance"] = float(cycle_tolerance)
+        if score_threshold is not None:
+            if isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float)) or not 0 <= score_threshold <= 1:
+                raise ValueError(f"score_threshold must be a number in [0, 1] (scores are absolute confidences), "
+                                 f"got {score_threshold!r}")
+            forward_params["score_threshold"] = float(score_threshold)
         return {}, forward_params, {}
 
     def __call__(self, inputs, batch_size: int | None = None, **kwargs):
@@ -87,7 +100,7 @@ class SemanticCorrespondencePipeline(Pipeline):
             "target_original_size": processed["target_original_sizes"][0],
         }
 
-    def _forward(self, model_inputs, top_k: int = 50, cycle_tolerance: float = 1.0):
+    def _forward(self, model_inputs, top_k: int = 50, cycle_tolerance: float = 1.0, score_threshold: float = 0.0):
         source_pixels, target_pixels = model_inputs["source_pixel_values"], model_inputs["target_pixel_values"]
         source_size, target_size = tuple(source_pixels.shape[-2:]), tuple(target_pixels.shape[-2:])
         keypoints, counts = model_inputs["source_keypoints"], model_inputs["keypoint_counts"]
@@ -105,6 +118,7 @@ class SemanticCorrespondencePipeline(Pipeline):
         source_grid, target_grid, scores, valid = select_mutual_matches(
             output.grid_src_to_trg, output.grid_trg_to_src, output.confidence, top_k, cycle_tolerance
         )
+        valid &= scores >= score_threshold  # sorted by score: the kept ones stay first
         return {
             "source_points": grid_to_pixels(source_grid, source_size),
             "target_points": grid_to_pixels(target_grid, target_size),

@@ -39,7 +39,7 @@ def test_annotation_ships_with_the_package():
 def test_load_bigcats_images_and_keypoints_in_package_convention(images):
     raw = bigcats.annotation()
     assert {key: image.image.size for key, image in images.items()} == {
-        "cheetah1": (256, 256), "cheetah2": (787, 762), "lion": (256, 256), "chelsea": (451, 300)}
+        "cheetah1": (256, 256), "cheetah2": (762, 787), "lion": (256, 256), "chelsea": (451, 300)}
     for key, image in images.items():
         assert image.image.mode == "RGB"
         assert set(image.keypoints) == set(raw[key]["kps"])
@@ -60,7 +60,7 @@ def test_protocol_has_12_ordered_pairs_and_52_transfers(pairs):
 
 @needs_gradio
 def test_pck_threshold_is_a_tenth_of_the_target_longer_side(pairs):
-    pair = next(p for p in pairs if p.name == "chelsea -> cheetah2")  # target 787 x 762: limit 78.7 px
+    pair = next(p for p in pairs if p.name == "chelsea -> cheetah2")  # target 762 x 787: limit 78.7 px
     inside = pair.target_keypoints + [78.6, 0.0]
     outside = pair.target_keypoints + [0.0, 78.8]
     assert bigcats_pck([pair], [inside])["pck"] == 1.0

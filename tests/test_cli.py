@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -95,9 +96,14 @@ def test_demo_prints_pck_and_writes_picture(tmp_path, monkeypatch, capsys):
     assert rows["stereo"][2] >= rows["stereo"][1] and rows["affine"][2] >= rows["affine"][1]  # PCK@0.1 >= PCK@0.05
     picture = tmp_path / "tmp" / "demo.png"
     assert picture.is_file()
+    from semcorr.pipelines import demo
+
     with Image.open(picture) as image:
-        # Two panels stacked, each at min(360, the pair's taller image): motorcycle (> 360), chelsea (300).
-        assert image.height == 360 + 300
+        # A captioned panel per pair: the two dense pairs 360 high, the cross-instance pair (it needs gradio) 480.
+        expected = 2 * (demo.CAPTION_HEIGHT + 360)
+        if importlib.util.find_spec("gradio") is not None:
+            expected += demo.CAPTION_HEIGHT + 480
+        assert image.height == expected
 
 
 # -- errors: exit 2, exactly one line on stderr, no traceback ---------------------------------------

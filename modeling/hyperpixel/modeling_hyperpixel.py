@@ -4,8 +4,8 @@ Hyperpixels = several backbone levels resampled to one grid, each L2-normalised,
 Cosine correlation, clamped at 0 and raised to a power, is re-scored by regularised Hough
 matching; each source cell's best match is refined to sub-cell precision with a kernel
 soft-argmax, and keypoints are transferred through the resulting dense field. ``match()`` runs
-these steps fused over blocks of source rows (:mod:`..ops.fused_matching`), holding one
-similarity volume; :meth:`HyperpixelFlowModel.match_scores` still gives the full volume.
+these steps fused over blocks of source columns (:mod:`..ops.fused_matching`), holding one
+similarity volume; :meth:`HyperpixelFlowModel.match_scores` still gives the full RHM volume.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from ..backbone import FeatureBackbone
 from ..modeling_matcher import CorrespondenceOutput, SemanticMatcherPreTrainedModel
 from ..ops.correlation import dense_cosine_correlation
-from ..ops.fused_matching import fused_hough_matching
+from ..ops.fused_matching import fused_hough_matching, workspace_size
 from ..ops.geometry import cell_axes, grid_to_pixels, pixels_to_grid
 from ..ops.keypoint_transfer import transfer_keypoints
+from ..ops.matches import SCORE_RADIUS, match_confidence
 from ..ops.rhm import regularized_hough_matching
-from ..ops.soft_argmax import local_soft_argmax
+from ..ops.soft_argmax import arg_max_neighbourhood, local_soft_argmax
 from .configuration_hyperpixel import HyperpixelFlowConfig
 
 
@@ -35,9 +36,10 @@ class HyperpixelFlowPreTrainedModel(SemanticMatcherPreTrainedModel):
 class HyperpixelFlowModel(HyperpixelFlowPreTrainedModel):
     """Training-free matcher: ``match()`` gives dense fields both ways and transferred keypoints.
 
-    On the CPU, ``match()`` keeps the memory of its similarity volume (``B * N_s * N_t`` floats)
-    for the next call: the page faults of a fresh allocation of that size cost about a fifth of
-    the matching time at 512². :meth:`free_matching_workspace` releases it.
+    On the CPU, ``match()`` keeps the memory of its similarity volume (``B * N_s * N_t`` floats,
+    plus a 16 MiB block buffer) for the next call: the page faults of a fresh allocation of that
+    size cost about a fifth of the matching time at 512². :meth:`free_matching_workspace`
+    releases it.
     """
 
     # Class-wide, so that the model stays picklable; a call that finds it taken (another thread
@@ -77,8 +79,15 @@ class HyperpixelFlowModel(HyperpixelFlowPreTrainedModel):
     # -- matching -------------------------------------------------------------------------------
     def match_scores(self, source_features: torch.Tensor, target_features: torch.Tensor, source_image_size, target_image_size):
         """RHM confidences ``(B, N_s, N_t)`` between two hyperpixel maps (two volumes at the peak)."""
+        similarity = self._similarity(source_features, target_features)
+        return self._hough_scores(similarity, source_features, target_features, source_image_size, target_image_size)
+
+    def _similarity(self, source_features, target_features):
+        """``relu(cos)^p`` ``(B, N_s, N_t)``."""
         correlation = dense_cosine_correlation(source_features, target_features, normalize=False)
-        similarity = correlation.clamp_min_(0).pow_(self.config.similarity_power)
+        return correlation.clamp_min_(0).pow_(self.config.similarity_power)
+
+    def _hough_scores(self, similarity, source_features, target_features, source_image_size, target_image_size):
         if not self.config.use_rhm:
             return similarity
         (h_s, w_s), (h_t, w_t) = source_features.shape[-2:], target_features.shape[-2:]
@@ -89,7 +98,7 @@ class HyperpixelFlowModel(HyperpixelFlowPreTrainedModel):
         )
 
     def _dense_field(self, scores: torch.Tensor, source_shape, target_shape):
-        """Refined arg-max field ``(B, 2, h_s, w_s)`` and confidence ``(B, h_s, w_s)`` in [0, 1]."""
+        """Refined arg-max field ``(B, 2, h_s, w_s)`` and best score over the pair's peak ``(B, h_s, w_s)``."""
         best = scores.amax(dim=2, keepdim=True)
         grid = local_soft_argmax(
             scores, source_shape, target_shape, radius=self.config.refine_radius, beta=self.config.refine_beta
@@ -100,43 +109,50 @@ class HyperpixelFlowModel(HyperpixelFlowPreTrainedModel):
     def _dense_fields_unfused(self, source_features, target_features, source_size, target_size):
         """Reference for :meth:`_dense_fields`: the full score volume, reduced once per direction."""
         source_shape, target_shape = tuple(source_features.shape[-2:]), tuple(target_features.shape[-2:])
-        scores = self.match_scores(source_features, target_features, source_size, target_size)
-        grid_src_to_trg, confidence = self._dense_field(scores, source_shape, target_shape)
+        similarity = self._similarity(source_features, target_features)
+        scores = self._hough_scores(similarity, source_features, target_features, source_size, target_size)
+        grid_src_to_trg, relative = self._dense_field(scores, source_shape, target_shape)
         grid_trg_to_src, _ = self._dense_field(scores.transpose(1, 2), target_shape, source_shape)
-        return grid_src_to_trg, confidence, grid_trg_to_src
+        best_index = scores.argmax(dim=2)
+        around = arg_max_neighbourhood(best_index, target_shape, SCORE_RADIUS)
+        confidence = match_confidence(similarity.gather(2, best_index[..., None])[..., 0],
+                                      torch.gather(scores, 2, around.index), around, scores.sum(dim=2),
+                                      self.config.similarity_power)
+        return grid_src_to_trg, confidence.view_as(relative), grid_trg_to_src, relative
 
     def _dense_fields(self, source_features, target_features, source_size, target_size):
-        """Fields both ways and the source confidence (best score / global peak), fused."""
+        """Fields both ways, the confidence (:func:`~..ops.matches.match_confidence`) of every source
+        cell and its best score over the pair's peak (the keypoint-transfer weight), fused."""
         (h_s, w_s), (h_t, w_t) = source_features.shape[-2:], target_features.shape[-2:]
         config = self.config
-
-        def fused(workspace=None):
-            return fused_hough_matching(
+        fields = self._with_workspace(
+            lambda workspace: fused_hough_matching(
                 source_features, target_features, cell_axes(h_s, w_s, source_size), cell_axes(h_t, w_t, target_size),
                 source_size, target_size, power=config.similarity_power,
                 num_bins=config.hough_bins if config.use_rhm else None, kernel_size=config.hough_kernel_size,
                 radius=config.refine_radius, beta=config.refine_beta, workspace=workspace,
-            )
-
-        if source_features.device.type != "cpu" or not self._workspace_lock.acquire(blocking=False):
-            fields = fused()  # accelerators' caching allocators already reuse memory
-        else:
-            try:
-                numel = source_features.shape[0] * h_s * w_s * h_t * w_t
-                fields = fused(self._matching_workspace(numel, source_features.dtype))
-            finally:
-                self._workspace_lock.release()
+            ),
+            workspace_size(source_features.shape[0], (h_s, w_s), (h_t, w_t)), source_features,
+        )
         best = fields.best_src_to_trg
-        peak = best.amax(dim=1, keepdim=True).clamp_min(1e-12)
-        return fields.grid_src_to_trg, (best / peak).view(-1, h_s, w_s), fields.grid_trg_to_src
+        relative = best / best.amax(dim=1, keepdim=True).clamp_min(1e-12)
+        return (fields.grid_src_to_trg, fields.confidence_src_to_trg.view(-1, h_s, w_s), fields.grid_trg_to_src,
+                relative.view(-1, h_s, w_s))
 
-    def _matching_workspace(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """The kept CPU buffer for the similarity volume, grown to ``numel`` elements when needed."""
-        workspace = getattr(self, "_similarity_workspace", None)
-        if workspace is None or workspace.numel() < numel or workspace.dtype != dtype:
-            self._similarity_workspace = None  # free the old one before allocating the new one
-            self._similarity_workspace = workspace = torch.empty(numel, dtype=dtype)
-        return workspace
+    def _with_workspace(self, run, numel: int, like: torch.Tensor):
+        """``run(workspace)`` with the kept CPU workspace of at least ``numel`` elements, or with
+        ``None`` on accelerators (their caching allocators already reuse memory) and while another
+        thread holds it."""
+        if like.device.type != "cpu" or not self._workspace_lock.acquire(blocking=False):
+            return run(None)
+        try:
+            workspace = getattr(self, "_similarity_workspace", None)
+            if workspace is None or workspace.numel() < numel or workspace.dtype != like.dtype:
+                self._similarity_workspace = None  # free the old one before allocating the new one
+                self._similarity_workspace = workspace = torch.empty(numel, dtype=like.dtype)
+            return run(workspace)
+        finally:
+            self._workspace_lock.release()
 
     def free_matching_workspace(self) -> None:
         """Release the similarity volume that ``match()`` keeps between calls on the CPU."""
@@ -168,16 +184,21 @@ class HyperpixelFlowModel(HyperpixelFlowPreTrainedModel):
         dense_fields = self._dense_fields if fused else self._dense_fields_unfused
         with torch.no_grad():
             source_features, target_features = self._features(source_pixel_values, target_pixel_values)
-            grid_src_to_trg, confidence, grid_trg_to_src = dense_fields(
+            grid_src_to_trg, confidence, grid_trg_to_src, transfer_weights = dense_fields(
                 source_features, target_features, source_size, target_size
             )
             output = CorrespondenceOutput(
-                grid_src_to_trg=grid_src_to_trg, confidence=confidence, grid_trg_to_src=grid_trg_to_src
+                grid_src_to_trg=grid_src_to_trg, confidence=confidence, grid_trg_to_src=grid_trg_to_src,
+                transfer_weights=transfer_weights,
             )
             if source_keypoints is not None:
                 points = pixels_to_grid(source_keypoints.to(grid_src_to_trg.dtype), source_size)
+                # Cells vote for a keypoint's transfer by their score relative to the pair's best (what
+                # the default was chosen with); its reported score is the same average of absolute ones.
+                # Cells vote for a keypoint's transfer by their score relative to the pair's best (what
+                # the default was chosen with); its reported score is the same average of absolute ones.
                 target_points, scores_kp = transfer_keypoints(
-                    points, grid_src_to_trg, confidence, radius=self.config.transfer_radius
+                    points, grid_src_to_trg, transfer_weights, radius=self.config.transfer_radius, scores=confidence
                 )
                 output.target_keypoints = grid_to_pixels(target_points, target_size)
                 output.keypoint_scores = scores_kp

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from .matches import SCORE_RADIUS, match_confidence
 from .rhm import hough_bins, smooth_hough_space, vote_rows
 from .soft_argmax import Neighbourhood, arg_max_neighbourhood, soft_argmax_around
 
@@ -47,6 +48,7 @@ class DenseFields(NamedTuple):
     best_src_to_trg: torch.Tensor  # (B, N_s) best score of every source cell over the target
     grid_trg_to_src: torch.Tensor  # (B, 2, h_t, w_t)
     best_trg_to_src: torch.Tensor  # (B, N_t)
+    confidence_src_to_trg: torch.Tensor  # (B, N_s) absolute confidence of every source cell's match (match_confidence)
 
 
 def fused_hough_matching(
@@ -79,9 +81,10 @@ def fused_hough_matching(
         kernel_size: side of the Gaussian that smooths the histogram.
         radius, beta: neighbourhood and temperature of the sub-cell refinement.
         block_elements: floats per block buffer (whole source columns; at least one column).
-        workspace: optional contiguous buffer of at least ``B * N_s * N_t`` elements of the
-            features' dtype and device for the similarity volume. A caller that matches
-            repeatedly can pass the same one: on the CPU, the page faults of a fresh allocation
+        workspace: optional contiguous buffer of the features' dtype and device for the
+            similarity volume (at least ``B * N_s * N_t`` elements) and, with
+            :func:`workspace_size` elements, the block buffer too. A caller that matches
+            repeatedly can pass the same one: on the CPU, the page faults of fresh allocations
             of that size cost about as much as the RHM work.
 
     Returns:
@@ -90,7 +93,7 @@ def fused_hough_matching(
     batch_size, _, h_s, w_s = source_features.shape
     h_t, w_t = target_features.shape[-2:]
     similarity = _similarity_volume(source_features, target_features, workspace)
-    columns_per_block = max(1, block_elements // (batch_size * h_s * h_t * w_t))
+    columns_per_block = _columns_per_block(batch_size, (h_s, w_s), (h_t, w_t), block_elements)
     blocks = [(start, min(w_s, start + columns_per_block)) for start in range(0, w_s, columns_per_block)]
     bins = None if num_bins is None else hough_bins(
         source_grid, target_grid, source_size, target_size, num_bins, similarity.dtype, similarity.device
@@ -98,8 +101,12 @@ def fused_hough_matching(
     hough = _power_and_vote(similarity, blocks, power, bins, (h_s, w_s), (h_t, w_t), kernel_size)
     score = _Scores(similarity, hough, bins, (h_s, w_s), (h_t, w_t))
 
-    block_buffer = similarity.new_empty(batch_size * columns_per_block * h_s * h_t * w_t)
-    forward_value, forward_index, column_value_per_row = _block_maxima(score, blocks, block_buffer)
+    block_numel, volume_numel = batch_size * columns_per_block * h_s * h_t * w_t, similarity.numel()
+    if workspace is not None and workspace.numel() >= volume_numel + block_numel:
+        block_buffer = workspace[volume_numel : volume_numel + block_numel]
+    else:
+        block_buffer = similarity.new_empty(block_numel)
+    forward_value, forward_index, forward_total, column_value_per_row = _block_maxima(score, blocks, block_buffer)
     # First source row (top-down) holding each column maximum, then the first cell in that row.
     backward_value, backward_row = column_value_per_row.flip(1).max(dim=1)
     backward_index = _first_in_row(score, backward_row, backward_value)
@@ -107,13 +114,35 @@ def fused_hough_matching(
     # Source -> target in the volume's order, reordered to row-major at the end.
     around = arg_max_neighbourhood(forward_index, (h_t, w_t), radius)
     grid_src_to_trg = soft_argmax_around(score.around_targets(around), forward_value, around, (h_t, w_t), beta)
+    around = arg_max_neighbourhood(forward_index, (h_t, w_t), SCORE_RADIUS)
+    forward_confidence = match_confidence(
+        similarity.gather(2, forward_index[..., None])[..., 0], score.around_targets(around), around, forward_total, power
+    )
     around = arg_max_neighbourhood(backward_index, (h_s, w_s), radius)
     grid_trg_to_src = soft_argmax_around(score.around_sources(around), backward_value, around, (h_s, w_s), beta)
+
+    def row_major(per_source_cell):  # (B, N_s) in volume order -> row-major
+        return per_source_cell.view(batch_size, w_s, h_s).flip(-1).transpose(1, 2).reshape(batch_size, h_s * w_s)
+
     return DenseFields(
         grid_src_to_trg.view(batch_size, 2, w_s, h_s).flip(-1).transpose(2, 3).contiguous(),
-        forward_value.view(batch_size, w_s, h_s).flip(-1).transpose(1, 2).reshape(batch_size, h_s * w_s),
-        grid_trg_to_src.view(batch_size, 2, h_t, w_t), backward_value,
+        row_major(forward_value), grid_trg_to_src.view(batch_size, 2, h_t, w_t), backward_value,
+        row_major(forward_confidence),
     )
+
+
+def workspace_size(batch_size: int, source_shape, target_shape, block_elements: int = BLOCK_ELEMENTS) -> int:
+    """Elements of a ``workspace`` that holds the volume and the block buffer of
+    :func:`fused_hough_matching` for ``(h, w)`` source and target maps."""
+    (h_s, w_s), (h_t, w_t) = source_shape, target_shape
+    columns_per_block = _columns_per_block(batch_size, source_shape, target_shape, block_elements)
+    return batch_size * h_s * (w_s + columns_per_block) * h_t * w_t
+
+
+def _columns_per_block(batch_size, source_shape, target_shape, block_elements) -> int:
+    """Whole source columns per block: at least one, at most all."""
+    (h_s, w_s), (h_t, w_t) = source_shape, target_shape
+    return min(w_s, max(1, block_elements // (batch_size * h_s * h_t * w_t)))
 
 
 def _similarity_volume(source_features, target_features, workspace=None) -> torch.Tensor:
@@ -236,13 +265,14 @@ def _offset_table(hough_columns: torch.Tensor, bin_y_up: torch.Tensor) -> torch.
 
 
 def _block_maxima(score: _Scores, blocks, block_buffer):
-    """Row maxima and arg-maxima ``(B, N_s)`` (volume order) and, per source row (bottom-up),
+    """Row maxima, arg-maxima and sums ``(B, N_s)`` (volume order) and, per source row (bottom-up),
     the column maxima ``(B, h_s, N_t)``."""
     similarity = score.similarity
     batch_size, num_source, num_target = similarity.shape
     h_s = score.source_shape[0]
     row_value = similarity.new_empty(batch_size, num_source)
     row_index = torch.empty(batch_size, num_source, dtype=torch.long, device=similarity.device)
+    row_total = similarity.new_empty(batch_size, num_source)
     # Column maxima per source row by amax (a max with indices over an outer dimension is several
     # times slower); the first source holding each column's maximum is found once, at the end.
     column_value_per_row = similarity.new_full((batch_size, h_s, num_target), float("-inf"))
@@ -250,9 +280,10 @@ def _block_maxima(score: _Scores, blocks, block_buffer):
         scores = score.block(start, end, block_buffer)
         rows = slice(start * h_s, end * h_s)
         torch.max(scores, dim=2, out=(row_value[:, rows], row_index[:, rows]))
+        torch.sum(scores, dim=2, out=row_total[:, rows])
         block_max = scores.view(batch_size, end - start, h_s, num_target).amax(dim=1)
         torch.maximum(column_value_per_row, block_max, out=column_value_per_row)
-    return row_value, row_index, column_value_per_row
+    return row_value, row_index, row_total, column_value_per_row
 
 
 def _first_in_row(score: _Scores, source_row, best_value):

@@ -12,6 +12,7 @@ def transfer_keypoints(
     grid_src_to_trg: torch.Tensor,
     confidence: torch.Tensor | None = None,
     radius: float = 1.5,
+    scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Carry source points into the target through the matches of the cells around them.
 
@@ -25,10 +26,12 @@ def transfer_keypoints(
         grid_src_to_trg: ``(B, 2, h, w)`` target location of every source cell, grid units.
         confidence: ``(B, h, w)`` non-negative per-cell weights; ``None`` weighs cells equally.
         radius: neighbourhood radius in cells; the nearest cell is always used.
+        scores: ``(B, h, w)`` per-cell scores to report, averaged with the same weights
+            (default: ``confidence``).
 
     Returns:
         ``(target_points (B, K, 2) grid units, scores (B, K))`` where a score is the weighted mean
-        confidence of the cells used.
+        of ``scores`` (or of the confidence) of the cells used.
     """
     batch_size, _, height, width = grid_src_to_trg.shape
     centers = cell_centers(height, width, device=source_points.device, dtype=source_points.dtype)  # (N, 2)
@@ -51,5 +54,5 @@ def transfer_keypoints(
     displacement = source_points[:, :, None, :] - centers[None, None]  # (B, K, N, 2)
     proposals = matches[:, None] + displacement
     target_points = (weighted[..., None] * proposals).sum(dim=2)
-    scores = (weighted * cell_confidence).sum(dim=-1)
-    return target_points, scores
+    cell_scores = cell_confidence if scores is None else scores.reshape(batch_size, 1, height * width)
+    return target_points, (weighted * cell_scores).sum(dim=-1)

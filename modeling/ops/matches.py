@@ -1,4 +1,5 @@
-"""Selecting sparse, mutually consistent matches from dense fields."""
+"""How much to trust a match (:func:`match_confidence`), and selecting sparse, mutually consistent
+matches from dense fields (:func:`select_mutual_matches`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,46 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import cell_centers, sample_grid_at
+
+# Cells around a match whose scores count as "the match" when measuring how distinctive it is: the
+# refinement's 3 x 3 window plus one ring, so that a match between two cells is not counted as ambiguous.
+SCORE_RADIUS = 2
+
+
+def match_confidence(
+    best_similarity: torch.Tensor,
+    neighbour_scores: torch.Tensor,
+    around,
+    total_scores: torch.Tensor,
+    power: float,
+) -> torch.Tensor:
+    """An absolute confidence in ``[0, 1]`` of each cell's best match, comparable across pairs.
+
+    A score normalised by the pair's best match says nothing about the pair: noise against a
+    photo, or a flat image against itself, would have matches at 1.0. This one is the geometric
+    mean of two ratios that each lie in ``[0, 1]`` whatever the pair:
+
+    * **similarity** -- the clamped cosine of the two matched feature vectors: how alike they are;
+    * **distinctiveness** -- the share of the cell's matching scores (over every target cell) that
+      lies within :data:`SCORE_RADIUS` cells of its match: how clearly this match beats every
+      other place. A flat or repetitive image spreads the scores over many places (near 0); a
+      unique structure concentrates them (towards 1).
+
+    Args:
+        best_similarity: ``(B, N)`` the similarity of each best match as the volume stores it, the
+            clamped cosine raised to ``power``.
+        neighbour_scores: ``(B, N, K)`` matching scores of the ``K`` cells ``around`` each best match
+            (a :class:`~.soft_argmax.Neighbourhood` of radius :data:`SCORE_RADIUS`).
+        total_scores: ``(B, N)`` each cell's matching scores summed over the whole target.
+        power: the exponent ``best_similarity`` carries.
+
+    Returns:
+        ``(B, N)`` confidences.
+    """
+    similarity = best_similarity.clamp(0, 1).pow(1.0 / power)
+    window = neighbour_scores.masked_fill(around.outside, 0).sum(-1)  # clamped copies of edge cells count once
+    distinctiveness = (window / total_scores.clamp_min(1e-30)).clamp(0, 1)
+    return (similarity * distinctiveness).sqrt()
 
 
 def select_mutual_matches(
