@@ -9,6 +9,9 @@ Layout read (``data_dir`` is the ``SPair-71k`` folder or its parent)::
     JPEGImages/<category>/<image>.jpg
     ImageAnnotation/<category>/<image>.json     per-image keypoints (null = not visible); not read
 
+An SPair-like folder with other classes (SC-ImageNet's export, ``JPEGImages/<wnid>/``) is read the
+same way; its categories are then its ``JPEGImages`` folders, sorted (:func:`categories_of`).
+
 Pairs are those listed in ``Layout/<layout>/<split>.txt`` (config ``layout``, ``"large"`` by default:
 53,340 / 5,384 / 12,234 pairs, the benchmark everyone reports), as HPF and DHPF read them. A pair
 file already holds only the keypoints visible in both images, with their ids in ``kps_ids``, so
@@ -78,6 +81,19 @@ def find_root(data_dir: Path) -> Path:
     raise layout_error(data_dir / "Layout", "missing folder of pair lists", LAYOUT)
 
 
+def categories_of(data_dir) -> tuple[str, ...]:
+    """The 18 SPair-71k categories; for an SPair-like folder whose ``JPEGImages`` holds other class
+    folders (SC-ImageNet's export: one folder per wnid), those folders, sorted -- the class list the
+    SPair loaders of CATs and DHPF build (``sorted(os.listdir(JPEGImages))``)."""
+    if data_dir is None:
+        return CATEGORIES
+    root = next((r for r in (Path(data_dir), Path(data_dir) / "SPair-71k") if (r / "JPEGImages").is_dir()), None)
+    if root is None:
+        return CATEGORIES
+    folders = sorted(entry.name for entry in (root / "JPEGImages").iterdir() if entry.is_dir())
+    return CATEGORIES if not folders or set(folders) <= set(CATEGORIES) else tuple(folders)
+
+
 def read_names(root: Path, layout: str, split: str) -> list[str]:
     """Pair names of one split, in list order."""
     path = root / "Layout" / layout / f"{split}.txt"
@@ -117,12 +133,12 @@ def _image_name(pair: dict, name: str, side: str) -> str:
     return (src_id if side == "src" else trg_id) + ".jpg"
 
 
-def pair_record(root: Path, split: str, name: str, seen_images: set) -> dict:
+def pair_record(root: Path, split: str, name: str, seen_images: set, categories=CATEGORIES) -> dict:
     """Validated row of one pair (everything but the image sizes)."""
     path = root / "PairAnnotation" / split / f"{name}.json"
     pair = read_pair(path)
     category = pair["category"]
-    if category not in CATEGORIES:
+    if category not in categories:
         raise layout_error(path, f"unknown category {category!r}", LAYOUT)
     images = {}
     for side in ("src", "trg"):
@@ -166,7 +182,7 @@ class SPair71k(datasets.GeneratorBasedBuilder):
     def _info(self) -> datasets.DatasetInfo:
         extra = {key: datasets.Value("int32") for key in DIFFICULTY}
         extra["kps_ids"] = datasets.List(datasets.Value("int32"))
-        features = pair_features(CATEGORIES, extra)
+        features = pair_features(categories_of(self.config.data_dir), extra)
         features["pair_id"] = datasets.Value("string")
         return datasets.DatasetInfo(
             description="SPair-71k semantic correspondence pairs (keypoints in package pixels).",
@@ -184,7 +200,8 @@ class SPair71k(datasets.GeneratorBasedBuilder):
             root = find_root(Path(self.config.data_dir))
         seen: set = set()
         records = {
-            split: [pair_record(root, split, name, seen) for name in read_names(root, self.config.layout, split)]
+            split: [pair_record(root, split, name, seen, self.info.features["category"].names)
+                    for name in read_names(root, self.config.layout, split)]
             for split in splits
         }
         if self.config.data_dir is None and self.config.layout == "large":

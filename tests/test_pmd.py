@@ -15,6 +15,7 @@ from semcorr.modeling import (
 )
 from semcorr.modeling.ops.geometry import identity_grid
 from semcorr.modeling.pmd.losses import (
+    keypoint_flow_loss,
     confidence_aware_loss,
     cycle_errors,
     cycle_mask,
@@ -197,9 +198,9 @@ def test_plain_l2_ablation_weighs_every_hypothesis_alike(teacher, pair):
 def test_keypoint_loss_is_zero_for_a_perfect_field():
     grid = identity_grid(1, 8, 8)
     points = torch.tensor([[[4.0, 4.0], [20.0, 36.0]]])
-    loss = PMDTeacherModel.keypoint_loss(grid, points, points, None, (64, 64), (64, 64))
+    loss = keypoint_flow_loss(grid, points, points, None, (64, 64), (64, 64))
     assert float(loss) < 1e-6
-    shifted = PMDTeacherModel.keypoint_loss(grid, points + 8.0, points, None, (64, 64), (64, 64))
+    shifted = keypoint_flow_loss(grid, points + 8.0, points, None, (64, 64), (64, 64))
     assert float(shifted) == pytest.approx(math.hypot(0.25, 0.25), rel=1e-5)
 
 

@@ -289,8 +289,11 @@ class CascadedMILModel(CascadedMILPreTrainedModel):
 
     # -- training -------------------------------------------------------------------------------------
     def forward(self, source_pixel_values: torch.Tensor, target_pixel_values: torch.Tensor,
-                class_ids: torch.Tensor | None = None, **kwargs) -> CascadedMILOutput:
-        """One training step's losses on ``B`` positive pairs (images of one class each).
+                class_ids: torch.Tensor | None = None, source_keypoints: torch.Tensor | None = None,
+                target_keypoints: torch.Tensor | None = None, keypoint_mask: torch.Tensor | None = None,
+                **kwargs) -> CascadedMILOutput:
+        """One training step's losses on ``B`` positive pairs (images of one class each); given labelled
+        keypoints instead, the keypoint-supervised loss of fine-tuning (:meth:`supervised_keypoint_loss`).
 
         Args:
             source_pixel_values, target_pixel_values: ``(B, 3, H, W)``; pair ``b`` shows two images of one class.
@@ -300,6 +303,10 @@ class CascadedMILModel(CascadedMILPreTrainedModel):
         Returns:
             :class:`CascadedMILOutput` with ``loss`` = ``lambda_1 L_I (+ lambda_2 L_R + lambda_3 L_P)``.
         """
+        if source_keypoints is not None:
+            loss = self.supervised_keypoint_loss(source_pixel_values, target_pixel_values, source_keypoints,
+                                                 target_keypoints, keypoint_mask)
+            return CascadedMILOutput(loss=loss, losses={"keypoints": loss.detach()})
         config = self.config
         source, target = self.encode(source_pixel_values), self.encode(target_pixel_values)
         loss_image, volume, positive, negative = self.image_level_loss(source, target, class_ids)
@@ -321,6 +328,17 @@ class CascadedMILModel(CascadedMILPreTrainedModel):
                 total = total + config.pixel_loss_weight * output.losses["pixel"]
         output.loss = total
         return output
+
+    def supervised_keypoint_loss(self, source_pixel_values, target_pixel_values, source_keypoints, target_keypoints,
+                                 keypoint_mask=None) -> torch.Tensor:
+        """Keypoint-supervised loss (fine-tuning on labelled pairs): the pixel stage's binary cross-entropy
+        (:meth:`pixel_stage_loss`) against the labelled pairs instead of the region stage's."""
+        volume, source_grid, target_grid = self.final_volume(source_pixel_values, target_pixel_values)
+        found = torch.ones(source_keypoints.shape[:2], dtype=torch.bool, device=volume.device)
+        pairs = {"source_points": source_keypoints, "target_points": target_keypoints,
+                 "found": found if keypoint_mask is None else keypoint_mask.bool()}
+        return self.pixel_stage_loss(volume, pairs, tuple(source_pixel_values.shape[-2:]),
+                                     tuple(target_pixel_values.shape[-2:]), source_grid, target_grid)
 
     # -- the matching contract -----------------------------------------------------------------------
     def final_volume(self, source_pixel_values, target_pixel_values):

@@ -118,3 +118,19 @@ def confidence_aware_loss(
     objective = distillation_weight * distillation + smoothness_weight * smoothness
     return {"loss": objective + variance_kl_weight * kl, "objective": objective.detach(),
             "distillation": distillation, "smoothness": smoothness, "variance_kl": kl}
+
+
+def keypoint_flow_loss(grid_trg_to_src: torch.Tensor, source_keypoints: torch.Tensor, target_keypoints: torch.Tensor,
+                       keypoint_mask: torch.Tensor | None, source_size, target_size) -> torch.Tensor:
+    """Sparse keypoint-flow loss: the field ``(B, 2, h_t, w_t)`` read at the target keypoints ``(B, N, 2)``
+    (model pixels) should give the source keypoints; mean end-point error in grid units over ``keypoint_mask``."""
+    from ..ops.geometry import pixels_to_grid
+
+    target_points = pixels_to_grid(target_keypoints.to(grid_trg_to_src.dtype), target_size)
+    predicted = sample_grid_at(grid_trg_to_src, target_points)
+    truth = pixels_to_grid(source_keypoints.to(grid_trg_to_src.dtype), source_size)
+    error = (predicted - truth).norm(dim=-1)
+    if keypoint_mask is None:
+        return error.mean()
+    mask = keypoint_mask.to(error.dtype)
+    return (error * mask).sum() / mask.sum().clamp_min(1.0)

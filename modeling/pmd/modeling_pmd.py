@@ -27,6 +27,7 @@ from .losses import (
     cycle_mask,
     empirical_variance,
     flow_smoothness,
+    keypoint_flow_loss,
     masked_grid_loss,
     psr_weights,
 )
@@ -153,6 +154,15 @@ class PMDPreTrainedModel(SemanticMatcherPreTrainedModel):
             valid = sample_grid_at(valid_trg[:, None].float(), points)[..., 0].reshape(-1, *shape) > 0.999
         return target, valid
 
+    def supervised_keypoint_loss(self, source_pixel_values, target_pixel_values, source_keypoints, target_keypoints,
+                                 keypoint_mask=None) -> torch.Tensor:
+        """Keypoint-supervised loss (fine-tuning on labelled pairs, e.g. SC-ImageNet or SPair-71k): the sparse
+        keypoint-flow error of the deterministic prediction (the teacher's mean gate) plus its smoothness term."""
+        _, grid_trg_to_src, _, _ = self.predict(source_pixel_values, target_pixel_values)
+        error = keypoint_flow_loss(grid_trg_to_src, source_keypoints, target_keypoints, keypoint_mask,
+                                   tuple(source_pixel_values.shape[-2:]), tuple(target_pixel_values.shape[-2:]))
+        return error + self.config.smoothness_weight * flow_smoothness(grid_trg_to_src, self.config.grid_align_corners)
+
 
 def _transfer_corner_aligned(points, grid_src_to_trg, confidence, source_size, target_size):
     """Keypoint transfer as the official PMD evaluation does it (``grid_align_corners=True``).
@@ -236,7 +246,7 @@ class PMDTeacherModel(PMDPreTrainedModel):
             total = total + losses["grid"]
             supervised = True
         if source_keypoints is not None and target_keypoints is not None:
-            losses["keypoints"] = self.keypoint_loss(grid_ts, source_keypoints, target_keypoints, keypoint_mask,
+            losses["keypoints"] = keypoint_flow_loss(grid_ts, source_keypoints, target_keypoints, keypoint_mask,
                                                      tuple(source_pixel_values.shape[-2:]), tuple(target_pixel_values.shape[-2:]))
             total = total + self.config.keypoint_weight * losses["keypoints"]
             supervised = True
@@ -244,18 +254,6 @@ class PMDTeacherModel(PMDPreTrainedModel):
             loss=total if supervised else None, grid_src_to_trg=grid_st, grid_trg_to_src=grid_ts,
             confidence=confidence, kl=kl, smoothness=smoothness, losses=losses,
         )
-
-    @staticmethod
-    def keypoint_loss(grid_trg_to_src, source_keypoints, target_keypoints, keypoint_mask, source_size, target_size):
-        """Sparse keypoint-flow loss: the field read at target keypoints should give the source ones."""
-        target_points = pixels_to_grid(target_keypoints.to(grid_trg_to_src.dtype), target_size)
-        predicted = sample_grid_at(grid_trg_to_src, target_points)
-        truth = pixels_to_grid(source_keypoints.to(grid_trg_to_src.dtype), source_size)
-        error = (predicted - truth).norm(dim=-1)
-        if keypoint_mask is None:
-            return error.mean()
-        mask = keypoint_mask.to(error.dtype)
-        return (error * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 class PMDStudentModel(PMDPreTrainedModel):
@@ -271,9 +269,13 @@ class PMDStudentModel(PMDPreTrainedModel):
         hypotheses_src_to_trg: torch.Tensor | None = None,
         hypotheses_trg_to_src: torch.Tensor | None = None,
         psr_prior: torch.Tensor | None = None,
+        source_keypoints: torch.Tensor | None = None,
+        target_keypoints: torch.Tensor | None = None,
+        keypoint_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> PMDOutput:
-        """Distillation step.
+        """Distillation step (or, given keypoints instead of hypotheses, a keypoint-supervised step:
+        :meth:`supervised_keypoint_loss`).
 
         Args:
             hypotheses_src_to_trg: ``(L, B, 2, h_s, w_s)`` teacher grids (in the frame of the
@@ -287,6 +289,10 @@ class PMDStudentModel(PMDPreTrainedModel):
             ``distillation_loss="l2"``) and ``losses`` also holds ``psr_weights``,
             ``cycle_mask`` and ``empirical_variance`` (used to update ``Sigma`` once per epoch).
         """
+        if source_keypoints is not None and hypotheses_src_to_trg is None:
+            loss = self.supervised_keypoint_loss(source_pixel_values, target_pixel_values, source_keypoints,
+                                                 target_keypoints, keypoint_mask)
+            return PMDOutput(loss=loss, losses={"keypoints": loss.detach()})
         grid_st, grid_ts, confidence, _ = self.predict(source_pixel_values, target_pixel_values)
         smoothness = flow_smoothness(grid_st, self.config.grid_align_corners)
         output = PMDOutput(grid_src_to_trg=grid_st, grid_trg_to_src=grid_ts, confidence=confidence, smoothness=smoothness)
