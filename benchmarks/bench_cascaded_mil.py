@@ -15,7 +15,7 @@ with the bound it follows.
 
 Usage::
 
-    python benchmarks/bench_cascaded_mil.py --ablations [--epochs 3] [--work-dir /tmp/mil-ablations]
+    python benchmarks/bench_cascaded_mil.py --ablations [--epochs 6] [--work-dir /tmp/mil-ablations] [--rows untrained full]
     python benchmarks/bench_cascaded_mil.py --speed [--repeats 3]
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -49,46 +48,54 @@ SWITCHES = {
 
 
 def ablation_row(name: str, classes: Path, work_dir: Path, epochs: int) -> dict:
-    """Train one switch of the tiny config and measure it on the held-out warps."""
+    """Train one switch of the tiny config (``untrained``: none) and measure it on the held-out warps."""
     from transformers import AutoModel
 
-    from semcorr.evaluation.pseudo_labels import image_level_scores, label_accuracy, warped_pairs
+    from semcorr.evaluation.pseudo_labels import consistency_ranking, image_level_scores, label_accuracy, warped_pairs
     from semcorr.hub_datasets.skimage_pairs import MIL_HELD_OUT_PHOTOS
     from semcorr.training import train_cascaded_mil as tm
 
     output = work_dir / name.replace(" ", "_").replace("/", "")
     overrides = {"data.images": str(classes), "run.output_dir": str(output), "run.log_with": [], "optim.epochs": epochs,
-                 "run.save_every_steps": 0, **SWITCHES[name]}
+                 "run.save_every_steps": 0, **SWITCHES.get(name, {})}
     config = tm.CascadedMILTrainConfig.load("cascaded_mil_cpu_tiny.yaml", overrides)
     started = time.perf_counter()
-    if not (output / "final").is_dir():
-        tm.train(config)
+    if name == "untrained":
+        model = tm.build_model(config.model, config.optim.seed).eval()
+    else:
+        if not (output / "final").is_dir():
+            tm.train(config)
+        model = AutoModel.from_pretrained(output / "final").eval()
     seconds = time.perf_counter() - started
-    model = AutoModel.from_pretrained(output / "final").eval()
     pairs = warped_pairs(model, MIL_HELD_OUT_PHOTOS, per_photo=6)
     stage = model.config.enabled_stages[-1]
     accuracy = label_accuracy(model, pairs, stage, num_pairs=16)
-    return {"pck@0.05": accuracy["pck@0.05"], "pck@0.1": accuracy["pck@0.1"],
-            "margin": image_level_scores(model, pairs)["margin"], "train_seconds": seconds, "labels_from": stage}
+    image = accuracy if stage == "image" else label_accuracy(model, pairs, "image", num_pairs=16)
+    ranking = consistency_ranking(model, pairs, num_thirds=3, num_pairs=16)
+    return {"pck@0.05": accuracy["pck@0.05"], "pck@0.1": accuracy["pck@0.1"], "image pck@0.05": image["pck@0.05"],
+            "image pck@0.1": image["pck@0.1"], "margin": image_level_scores(model, pairs)["margin"],
+            "spearman": ranking["spearman"], "train_seconds": seconds, "labels_from": stage}
 
 
-def run_ablations(work_dir: Path, epochs: int) -> None:
+def run_ablations(work_dir: Path, epochs: int, names=None) -> None:
     from semcorr.hub_datasets.skimage_pairs import write_warped_classes
 
     classes = work_dir / "classes"
     if not classes.is_dir():
         write_warped_classes(classes, members=8)
     rows = {}
-    for name in SWITCHES:
+    for name in names or ["untrained", *SWITCHES]:
         rows[name] = ablation_row(name, classes, work_dir, epochs)
         print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
     print(f"\nCPU setting: {epochs} epochs of cascaded_mil_cpu_tiny.yaml; held-out warps of chelsea, coffee, motorcycle\n")
-    print("| setting | paper PF-PASCAL PCK@0.05 / @0.1 | here PCK@0.05 | here PCK@0.1 | AP margin | labels from | train s |")
-    print("|---|---:|---:|---:|---:|---|---:|")
+    print("| setting | paper PF-PASCAL PCK@0.05 / @0.1 | labels PCK@0.05 | labels PCK@0.1 | labels from | image-stage picks "
+          "PCK@0.05 / @0.1 | AP margin | close-loop Spearman | train s |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
     for name, row in rows.items():
-        paper = PAPER[name]
-        print(f"| {name} | {paper[0]} / {paper[1]} | {100 * row['pck@0.05']:.1f} | {100 * row['pck@0.1']:.1f} | "
-              f"{row['margin']:.3f} | {row['labels_from']} stage | {row['train_seconds']:.0f} |")
+        paper = " / ".join(str(value) for value in PAPER[name]) if name in PAPER else ""
+        print(f"| {name} | {paper} | {100 * row['pck@0.05']:.1f} | {100 * row['pck@0.1']:.1f} | {row['labels_from']} stage | "
+              f"{100 * row['image pck@0.05']:.1f} / {100 * row['image pck@0.1']:.1f} | {row['margin']:.3f} | "
+              f"{row['spearman']:.2f} | {row['train_seconds']:.0f} |")
     (work_dir / "ablations.json").write_text(json.dumps(rows, indent=2))
 
 
@@ -132,11 +139,14 @@ def volume_memory_child(side: int, fold: int) -> None:
     module = MatchingVolumeAggregation(768, 8, embed_dim=128, depth=2, volume_heads=4, window=4, fold=fold).eval()
     tokens = torch.randn(1, side * side, 768)
     global_token = torch.randn(1, 768)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_utils import peak_rss_bytes, reset_peak_rss, rss_bytes
+
+    reset_peak_rss()  # the imports' own peak would hide a smaller one
+    before = rss_bytes()
     with torch.no_grad():
         module(tokens, tokens, global_token, global_token, (side, side), (side, side))
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"added_mib": (after - before) / 1024}))
+    print(json.dumps({"added_mib": (peak_rss_bytes() - before) / 2**20}))
 
 
 def run_speed(repeats: int) -> None:
@@ -149,7 +159,7 @@ def run_speed(repeats: int) -> None:
           "and the folded one (g/f)^4 tokens of 128 channels; fresh process per row.\n")
     print("| grid (input at stride 16) | fold | volume cells | added peak RSS (MiB) |")
     print("|---|---:|---:|---:|")
-    for side, fold in ((16, 2), (24, 2), (32, 2), (32, 4)):
+    for side, fold in ((16, 2), (24, 2), (32, 2), (32, 4), (48, 2)):
         result = subprocess.run([sys.executable, __file__, "--memory-child", str(side), str(fold)],
                                 capture_output=True, text=True, check=True)
         added = json.loads(result.stdout.strip().splitlines()[-1])["added_mib"]
@@ -160,7 +170,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--speed", action="store_true")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--rows", nargs="+", help="only these rows of --ablations (e.g. untrained full 'w/o stages 2-3')")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", default=None)
@@ -173,7 +184,10 @@ def main(argv=None) -> int:
     if not (args.ablations or args.speed):
         parser.error("give --ablations and/or --speed")
     if args.ablations:
-        run_ablations(Path(args.work_dir or tempfile.mkdtemp(prefix="mil-ablations-")), args.epochs)
+        unknown = set(args.rows or []) - {"untrained", *SWITCHES}
+        if unknown:
+            parser.error(f"unknown --rows {sorted(unknown)}; choose from untrained, {', '.join(SWITCHES)}")
+        run_ablations(Path(args.work_dir or tempfile.mkdtemp(prefix="mil-ablations-")), args.epochs, args.rows)
     if args.speed:
         run_speed(args.repeats)
     return 0

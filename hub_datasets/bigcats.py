@@ -165,22 +165,9 @@ def bigcats_dataset(images: dict[str, AnnotatedImage] | None = None):
     Each box is the whole image, so the metric's default ``bbox`` threshold is the protocol's
     (``alpha x`` the image's longer side); score per point (``average="point"``) as the protocol does.
     """
-    import datasets
+    from .skimage_pairs import keypoint_pairs_dataset
 
-    from ._common import pair_features
-
-    features = pair_features(["cat-face"])
-    rows = {name: [] for name in features}
-    for index, pair in enumerate(bigcat_pairs(images)):
-        rows["pair_id"].append(index)
-        rows["category"].append(0)
-        for side, image, points in (("source", pair.source_image, pair.source_keypoints),
-                                    ("target", pair.target_image, pair.target_keypoints)):
-            rows[f"{side}_image"].append(image)
-            rows[f"{side}_keypoints"].append(np.asarray(points, dtype=np.float32).tolist())
-            rows[f"{side}_bbox"].append([0.0, 0.0, float(image.width), float(image.height)])
-            rows[f"{side}_image_size"].append([image.height, image.width])
-    return datasets.Dataset.from_dict(rows, features=features)
+    return keypoint_pairs_dataset(bigcat_pairs(images), category="cat-face", box="image")
 
 
 def main(argv=None) -> int:

@@ -142,12 +142,18 @@ def stereo_crops(num_pairs: int = 8, window: tuple[int, int] = (300, 360), seed:
     return pairs
 
 
-def keypoint_pairs_dataset(pairs: list[KeypointPair], category: str = "skimage"):
-    """``datasets.Dataset`` in the benchmark pair schema (boxes: the keypoint extent, as PF-WILLOW)."""
+def keypoint_pairs_dataset(pairs: list[KeypointPair], category: str = "skimage", box: str = "keypoints"):
+    """``datasets.Dataset`` in the benchmark pair schema.
+
+    ``box``: ``"keypoints"`` -- each box is the keypoint extent (as PF-WILLOW); ``"image"`` -- the whole
+    image (the metric's ``bbox`` threshold is then ``alpha x`` the image's longer side).
+    """
     import datasets
 
     from ._common import keypoint_box, pair_features
 
+    if box not in ("keypoints", "image"):
+        raise ValueError(f"box must be 'keypoints' or 'image', got {box!r}")
     rows = {name: [] for name in pair_features([category])}
     for index, pair in enumerate(pairs):
         rows["pair_id"].append(index)
@@ -156,7 +162,8 @@ def keypoint_pairs_dataset(pairs: list[KeypointPair], category: str = "skimage")
                                     ("target", pair.target_image, pair.target_keypoints)):
             rows[f"{side}_image"].append(image)
             rows[f"{side}_keypoints"].append(np.asarray(points, dtype=np.float32).tolist())
-            rows[f"{side}_bbox"].append(keypoint_box(np.asarray(points)))
+            rows[f"{side}_bbox"].append(keypoint_box(np.asarray(points)) if box == "keypoints"
+                                        else [0.0, 0.0, float(image.width), float(image.height)])
             rows[f"{side}_image_size"].append([image.height, image.width])
     return datasets.Dataset.from_dict(rows, features=pair_features([category]))
 

@@ -1,7 +1,8 @@
 """The PMD chain on CPU (``semcorr.training.cpu_chain``): the teacher learns, its uncertainty is
 informative, and the distilled student beats its starting point and keeps up with the teacher.
 
-One chain run (about four minutes on one thread) is shared by the tests of this module: the
+One chain run (about six minutes on one thread) is shared by the tests of this module, which are
+``slow`` (``pytest -m slow``; the default run keeps the student's falling loss and keypoint fine-tuning): the
 ``pmd_cpu_tiny.yaml`` teacher (synthetic warps of scikit-image photos), its hypotheses on crop pairs
 of those photos, and the ``pmd_cpu_tiny_student.yaml`` student (PSR + CAL). Held out from every
 stage: the chelsea photo (synthetic warps) and the motorcycle stereo pair (real pairs with keypoints).
@@ -19,6 +20,8 @@ from PIL import Image
 from semcorr.hub_datasets.skimage_pairs import TRAINING_PHOTOS, skimage_data_dir
 from semcorr.training.data.synthetic import SyntheticPairGenerator
 from semcorr.training import cpu_chain, train_teacher
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -383,6 +383,30 @@ class TrainingConfig(SectionedConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def validate(self) -> None:
+        """A ``data.image_size`` (where the task's data section has one) becomes the model's input size."""
+        image_size = getattr(self.data, "image_size", None)
+        if image_size is not None:
+            if "image_size" in self.model and list(self.model["image_size"]) != list(image_size):
+                raise ValueError(f"model.image_size {self.model['image_size']} and data.image_size {image_size} differ")
+            self.model["image_size"] = list(image_size)
+        super().validate()
+
+
+def build_seeded_model(config_class, model_class, model_fields: dict, seed: int):
+    """``model_class(config_class(**model_fields))`` initialised under ``seed``, its backbone weights loaded
+    (``backbone_weights``: embedded, timm or a safetensors file)."""
+    import torch
+
+    from semcorr.modeling.backbone import load_backbone_weights
+
+    config = config_class(**model_fields)
+    torch.manual_seed(seed)
+    model = model_class(config)
+    if getattr(config, "backbone_weights", None):
+        load_backbone_weights(model.backbone, config.backbone_weights)
+    return model
+
 
 def check_model_fields(config_class, fields: dict) -> None:
     """The model config's own checks (kernel sizes, levels, ...) and an existing weights file."""

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from semcorr.training.config import TrainingConfig
+from semcorr.training.config import TrainingConfig, build_seeded_model
 from semcorr.training.data.images import UnreadableImages
 from semcorr.training.loop import StepContext, StepOutput, Trainer, TrainingError, TrainingTask, run_command
 from semcorr.training.tracking import card_head, card_tail
@@ -77,25 +77,12 @@ class CascadedMILTrainConfig(TrainingConfig):
     MODEL_CONFIG = "CascadedMILConfig"
     DEFAULTS = {"run.output_dir": "runs/cascaded-mil"}
 
-    def validate(self) -> None:
-        if self.data.image_size is not None:
-            if "image_size" in self.model and list(self.model["image_size"]) != list(self.data.image_size):
-                raise ValueError(f"model.image_size {self.model['image_size']} and data.image_size "
-                                 f"{self.data.image_size} differ")
-            self.model["image_size"] = list(self.data.image_size)
-        super().validate()
-
 
 def build_model(model_fields: dict, seed: int):
     """The generator of ``model_fields`` (seeded initialisation), its backbone weights loaded."""
-    from semcorr.modeling import CascadedMILConfig, CascadedMILModel, load_backbone_weights
+    from semcorr.modeling import CascadedMILConfig, CascadedMILModel
 
-    config = CascadedMILConfig(**model_fields)
-    torch.manual_seed(seed)
-    model = CascadedMILModel(config)
-    if config.backbone_weights:
-        load_backbone_weights(model.backbone, config.backbone_weights)
-    return model
+    return build_seeded_model(CascadedMILConfig, CascadedMILModel, model_fields, seed)
 
 
 class CascadedMILTask(TrainingTask):

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from semcorr.training.checkpoints import checkpoint_steps
-from semcorr.training.config import TrainingConfig
+from semcorr.training.config import TrainingConfig, build_seeded_model
 from semcorr.training.data.images import ImageSource, UnreadableImages, resolve_image_source
 from semcorr.training.loop import (
     NonFiniteLossError,
@@ -123,27 +123,13 @@ class TeacherConfig(TrainingConfig):
     MODEL_CONFIG = "PMDTeacherConfig"
     DEFAULTS = {"run.output_dir": "runs/pmd-teacher"}
 
-    def validate(self) -> None:
-        if self.data.image_size is not None:
-            if "image_size" in self.model and list(self.model["image_size"]) != list(self.data.image_size):
-                raise ValueError(f"model.image_size {self.model['image_size']} and data.image_size "
-                                 f"{self.data.image_size} differ")
-            self.model["image_size"] = list(self.data.image_size)
-        super().validate()
-
 
 # -- the task ------------------------------------------------------------------------------------------------
 def build_model(model_fields: dict, seed: int):
     """The teacher of ``model_fields`` (seeded initialisation), its backbone weights loaded."""
     from semcorr.modeling import PMDTeacherConfig, PMDTeacherModel
-    from semcorr.modeling.backbone import load_backbone_weights
 
-    model_config = PMDTeacherConfig(**model_fields)
-    torch.manual_seed(seed)
-    model = PMDTeacherModel(model_config)
-    if model_config.backbone_weights:
-        load_backbone_weights(model.backbone, model_config.backbone_weights)
-    return model
+    return build_seeded_model(PMDTeacherConfig, PMDTeacherModel, model_fields, seed)
 
 
 class TeacherTask(TrainingTask):
