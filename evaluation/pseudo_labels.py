@@ -126,7 +126,8 @@ def spearman(a, b) -> float:
 
 def consistency_ranking(model, pairs: WarpedPairs, num_thirds: int = 3, num_pairs: int = 16) -> dict:
     """How well the close-loop score ranks labels: Spearman between each label's score (the mean
-    round-trip offset through ``num_thirds`` other warps of its photo) and its true error.
+    round-trip offset through ``num_thirds`` other warps of its photo) and its true error. The labels
+    are those of the model's last enabled stage (what ``pseudo_label`` gives).
 
     Returns ``{"spearman": float, "num_labels": int}``; positive means: inconsistent labels are the wrong ones.
     """
@@ -135,7 +136,7 @@ def consistency_ranking(model, pairs: WarpedPairs, num_thirds: int = 3, num_pair
     scores, errors = [], []
     for photo in pairs.classes.unique():
         rows = torch.nonzero(pairs.classes == photo)[:, 0]
-        labels = stage_labels(model, pairs, rows, "pixel", num_pairs)
+        labels = stage_labels(model, pairs, rows, model.config.enabled_stages[-1], num_pairs)
         truth, defined = _true_targets(pairs, rows, labels["source_points"])
         thirds = torch.stack([pairs.target[rows.roll(-shift)] for shift in range(1, num_thirds + 1)], dim=1)
         with torch.no_grad():
