@@ -74,7 +74,7 @@ class FeatureBackbone(nn.Module):
         else:
             self.create_kwargs = dict(model_kwargs or {})
             self.body = timm.create_model(name, pretrained=False, **self.timm_kwargs())
-        if frozen:  # from the start, not only after the first train() / eval() call
+        if frozen:  # from the start, not only after the first call of train() or of eval mode
             self.body.requires_grad_(False).eval()
         for module in self.body.modules():
             module._semcorr_backbone = True  # skipped by SemanticMatcherPreTrainedModel._init_weights
