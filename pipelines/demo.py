@@ -20,9 +20,9 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from .drawing import panel_sizes, save_image
+from .drawing import CAPTION_HEIGHT, font, panel_sizes, save_image, stack_panels
 
 ALPHAS = (0.05, 0.1)
 #: The cross-instance pair drawn and scored: (source, target) keys of the big-cat set.
@@ -33,7 +33,6 @@ DENSE_ALPHA, CROSS_ALPHA = 0.05, 0.1
 DENSE_SHOWN = 40
 #: Height of the images on the picture, in pixels: the dense pairs, and the cross-instance pair (whose faces are small).
 PANEL_HEIGHT, CROSS_PANEL_HEIGHT = 360, 480
-CAPTION_HEIGHT = 30
 GREEN, RED = (26, 152, 80), (215, 48, 39)
 GRADIO_HINT = 'needs gradio, which ships the photos: pip install "semcorr[demo]" (or pip install gradio)'
 
@@ -89,19 +88,6 @@ def spread_subset(points: np.ndarray, count: int) -> np.ndarray:
     return np.array(chosen)
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        return ImageFont.load_default()
-
-
-def _caption(text: str, width: int) -> Image.Image:
-    band = Image.new("RGB", (width, CAPTION_HEIGHT), "white")
-    ImageDraw.Draw(band).text((8, CAPTION_HEIGHT // 2), text, fill=(30, 30, 30), font=_font(16), anchor="lm")
-    return band
-
-
 def _draw_pair(source: Image.Image, target: Image.Image, result: PairResult, panel_height: int) -> Image.Image:
     """One panel: the images side by side, ``panel_height`` high, a line per drawn point.
 
@@ -137,11 +123,11 @@ def _draw_pair(source: Image.Image, target: Image.Image, result: PairResult, pan
     for index in order:
         draw.line([tuple(source_xy[index]), tuple(target_xy[index])], fill=colors[index], width=width)
     if named:
-        font = _font(15)
+        label_font = font(15)
         for index in order:
             name = result.keypoint_names[shown[index]]
             for x, y in (source_xy[index], target_xy[index]):
-                draw.text((x + radius + 3, y - radius - 3), name, fill=(255, 255, 255), font=font, anchor="ld",
+                draw.text((x + radius + 3, y - radius - 3), name, fill=(255, 255, 255), font=label_font, anchor="ld",
                           stroke_width=2, stroke_fill=(0, 0, 0))
     for index in order:  # dots last, so each keeps its colour under any line or label
         for x, y in (source_xy[index], target_xy[index]):
@@ -219,21 +205,15 @@ def run_demo(out: str | os.PathLike = "demo.png", num_points: int = 500, seed: i
         else:
             text = (f"{pair.name.capitalize()}, same scene: {len(result.shown)} of {len(predicted)} points, "
                     f"PCK@0.05 {scores[0.05]:.3f}. Green: within 0.05 x longer side of the truth; red: not")
-        panels.append((result, _caption(text, panel.width), panel))
+        panels.append((result, text, panel))
     if cross is None:
         name = "cats (cross-instance)"
         print_fn(f"{name:<24}{'-':>8}  {GRADIO_HINT}")
         results[name] = PairResult(name, skipped=GRADIO_HINT)
 
-    width = max(panel.width for _, _, panel in panels)
-    canvas = Image.new("RGB", (width, sum(caption.height + panel.height for _, caption, panel in panels)), "white")
-    top = 0
-    for result, caption, panel in panels:
-        canvas.paste(caption, (0, top))
-        top += caption.height
-        canvas.paste(panel, (0, top))
+    canvas, tops = stack_panels([(text, panel) for _, text, panel in panels])
+    for (result, _, _), top in zip(panels, tops):
         result.source_xy, result.target_xy = result.source_xy + [0, top], result.target_xy + [0, top]
-        top += panel.height
     path = save_image(canvas, out)
     print_fn(f"wrote {path}")
     return results

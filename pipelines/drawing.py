@@ -6,10 +6,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from semcorr.modeling.image_io import load_image
 from semcorr.utils import atomic_save
+
+CAPTION_HEIGHT = 30  # pixels of the caption band above a stacked panel
 
 # Low -> high score: red, orange, yellow, green (readable on photos, and for red-green colour
 # blindness the brightness still rises with the score).
@@ -102,6 +104,35 @@ def draw_matches(source, target, result: dict, max_height: int = 480, line_width
         for x, y in ((sx, sy), (tx, ty)):
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=color, outline="white")
     return canvas
+
+
+def font(size: int):
+    """Pillow's default font at ``size`` pixels (one bitmap size before Pillow 10.1)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def stack_panels(panels: list[tuple[str, Image.Image]]) -> tuple[Image.Image, list[int]]:
+    """Pictures stacked top to bottom, each under a caption band of :data:`CAPTION_HEIGHT` pixels.
+
+    Returns ``(canvas, tops)``: the white canvas as wide as the widest picture, and the row at which
+    each picture starts (to move points drawn on a picture into the canvas).
+    """
+    caption_font = font(16)
+    text_width = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=caption_font)) + 16
+                     for text, _ in panels)
+    width = max(text_width, *(picture.width for _, picture in panels))
+    canvas = Image.new("RGB", (width, sum(CAPTION_HEIGHT + picture.height for _, picture in panels)), "white")
+    draw, top, tops = ImageDraw.Draw(canvas), 0, []
+    for text, picture in panels:
+        draw.text((8, top + CAPTION_HEIGHT // 2), text, fill=(30, 30, 30), font=caption_font, anchor="lm")
+        top += CAPTION_HEIGHT
+        canvas.paste(picture, (0, top))
+        tops.append(top)
+        top += picture.height
+    return canvas, tops
 
 
 def save_image(image: Image.Image, path: str | os.PathLike) -> Path:

@@ -169,3 +169,28 @@ def test_round_trip_auto_model_and_pipeline(tmp_path, pair):
                       "target_image": (pair[1][0].permute(1, 2, 0) * 50 + 128).clamp(0, 255).byte().numpy(),
                       "source_keypoints": [[20.0, 30.0]]})
     assert len(result["target_keypoints"]) == 1 and math.isfinite(result["scores"][0])
+
+
+def test_cascade_figure_shows_each_stage_and_scores_it_against_the_truth(tmp_path):
+    """``cascade()`` hands on what ``forward`` would (suspects, region pairs, pseudo labels); the figure
+    has one panel per stage and counts a match correct exactly when it lands near the given truth."""
+    from PIL import Image
+
+    from semcorr.pipelines.cascade_figure import draw_cascade, main
+    from semcorr.pipelines.drawing import CAPTION_HEIGHT
+
+    model = tiny_mil(seed=3)
+    source_array, target_array = shifted_crops((64, 64), (64, 64), (16, 0))
+    source, target = Image.fromarray(source_array), Image.fromarray(target_array)
+    stages = model.cascade(*pixel_values(source_array, target_array).chunk(2))
+    assert list(stages) == ["image", "region", "pixel"]
+    assert [stages[name]["found"].shape[1] for name in stages] == [4, 3, 6]
+    picture, summary = draw_cascade(model, source, target, lambda points: points + [16.0, 0.0], panel_height=128)
+    assert picture.height == 3 * (CAPTION_HEIGHT + 128)
+    assert summary["pixel"]["pairs"] == int(stages["pixel"]["found"].sum()) and summary["pixel"]["pck"] >= 0.75
+    _, wrong = draw_cascade(model, source, target, lambda points: points + [-30.0, 0.0], panel_height=128)
+    assert all(row["pck"] == 0.0 for row in wrong.values())  # every match is 46 px from this false truth
+    model.save_pretrained(tmp_path / "generator")
+    assert main(["--model", str(tmp_path / "generator"), "--out", str(tmp_path / "cascade.png")]) == 0
+    assert Image.open(tmp_path / "cascade.png").height == 3 * (CAPTION_HEIGHT + 360)
+    assert main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")]) == 2

@@ -382,6 +382,28 @@ class CascadedMILModel(CascadedMILPreTrainedModel):
                                      num_pairs or self.config.num_pseudo_pairs, refine=True)
 
 
+    def cascade(self, source_pixel_values, target_pixel_values) -> dict:
+        """What each enabled stage hands on, for one look at the cascade (no losses, no gradients).
+
+        Returns:
+            ``{"image": the suspects PMPS picks on the image stage's volume, "region": the pairs the
+            region stage keeps, "pixel": the pseudo labels}`` (the enabled stages only), each
+            ``{"source_points", "target_points"}`` ``(B, k, 2)`` in model-input pixels with ``"scores"``
+            and ``"found"`` ``(B, k)``.
+        """
+        config = self.config
+        with torch.no_grad():
+            source, target = self.encode(source_pixel_values), self.encode(target_pixel_values)
+            volume = self.stage_volume("image", source, target)["refined"]
+            stages = {"image": self.select_pairs(volume, source_pixel_values, target_pixel_values, source[2], target[2],
+                                                 config.num_suspects)}
+            if config.use_region_stage:
+                _, stages["region"] = self.region_stage(source_pixel_values, target_pixel_values, stages["image"],
+                                                        source[2], target[2])
+            if config.use_pixel_stage:
+                stages["pixel"] = self.pseudo_label(source_pixel_values, target_pixel_values)
+        return stages
+
 def _nearest_cell(points: torch.Tensor, image_size, grid) -> torch.Tensor:
     """Row-major index ``(B, m)`` of the cell of a ``grid = (h, w)`` map containing each pixel point ``(B, m, 2)``."""
     height, width = image_size

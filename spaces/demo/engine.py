@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 #: Images are matched and drawn with their longer side at most this many pixels.
 MAX_SIDE = 1024
@@ -453,13 +453,6 @@ def format_points(points) -> str:
 
 
 # -- pictures -----------------------------------------------------------------------------------------
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
 @dataclass
 class PairLayout:
     """Where the two working images sit on a side-by-side picture."""
@@ -510,7 +503,9 @@ def draw_pair(source: DemoImage, target: DemoImage, result: dict, colors=None, l
     canvas = draw_matches(source.image, target.image, working, max_height=height, line_width=3 if labels else 2, colors=colors)
     if labels:
         draw = ImageDraw.Draw(canvas)
-        font = _font(16)
+        from semcorr.pipelines.drawing import font as label_font
+
+        font = label_font(16)
         scale_source = np.array(layout.source_size) / np.array(source.image.size)
         scale_target = np.array(layout.target_size) / np.array(target.image.size)
         for index, (source_label, target_label) in enumerate(labels):
