@@ -84,15 +84,12 @@ def write_folder(root: Path, per_class: int) -> Path:
 
 
 def save_generator(case: str, folder: Path) -> Path:
-    from semcorr.modeling import CascadedMILConfig, CascadedMILModel, image_processor_for, load_backbone_weights
+    from semcorr.modeling import image_processor_for
+    from semcorr.training.train_cascaded_mil import build_model
 
-    config = CascadedMILConfig(**BACKBONES[case], **COMMON)
-    torch.manual_seed(0)
-    model = CascadedMILModel(config).eval()
-    if config.backbone_weights:
-        load_backbone_weights(model.backbone, config.backbone_weights)
+    model = build_model({**BACKBONES[case], **COMMON}, seed=0).eval()
     model.save_pretrained(folder)
-    image_processor_for(config).save_pretrained(folder)
+    image_processor_for(model.config).save_pretrained(folder)
     return folder
 
 

@@ -58,15 +58,12 @@ FEATURES = {"pair_id", "category", "category_name", "source_image_path", "target
 
 
 def save_generator(folder: Path, seed: int = 0, **fields) -> Path:
-    from semcorr.modeling import CascadedMILConfig, CascadedMILModel, image_processor_for, load_backbone_weights
+    from semcorr.modeling import image_processor_for
+    from semcorr.training.train_cascaded_mil import build_model
 
-    config = CascadedMILConfig(**fields)
-    torch.manual_seed(seed)
-    model = CascadedMILModel(config).eval()
-    if config.backbone_weights:
-        load_backbone_weights(model.backbone, config.backbone_weights)
+    model = build_model(fields, seed).eval()
     model.save_pretrained(folder)
-    image_processor_for(config).save_pretrained(folder)
+    image_processor_for(model.config).save_pretrained(folder)
     return folder
 
 
