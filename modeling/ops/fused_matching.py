@@ -13,12 +13,13 @@ stored and everything else runs over blocks of whole source columns:
    one source column with one target row are consecutive and one ``index_add`` per block sums
    the votes over row pairs without a reordering copy;
 2. the histogram is summed over column pairs and smoothed once (it needs every similarity);
-3. per block: confidences ``s * H[bin]`` in a block buffer, their row maxima and arg-maxima
+3. per block: confidences ``s * H[bin]`` in a block buffer, their row maxima, arg-maxima and sums
    (source -> target) and, per source row, their column maxima (target -> source). When the y
    bin depends only on the row offset (equal grids), a block's support is a strided view of a
    small table (bottom-up rows make both strides positive); otherwise it is gathered row by row;
 4. the first source of each column maximum and the scores around every arg-max are read back
-   from the volume and the histogram.
+   from the volume and the histogram; with the row sums they give each source cell's absolute
+   confidence (:func:`~.matches.match_confidence`).
 
 Every float is computed by the same operation, on the same operands, as in the unfused
 ``dense_cosine_correlation`` -> ``regularized_hough_matching`` -> ``local_soft_argmax`` path
