@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from ..ops.correlation import CORRELATION_DTYPES
+
 
 class HyperpixelFlowConfig(PretrainedConfig):
     r"""Hyperpixel Flow (Min et al., ICCV 2019) on any timm backbone.
@@ -34,6 +36,10 @@ class HyperpixelFlowConfig(PretrainedConfig):
         refine_radius, refine_beta: neighbourhood (cells) and temperature of the local soft-argmax
             that refines each arg-max to sub-cell precision.
         transfer_radius: neighbourhood (cells) of a keypoint used by keypoint transfer.
+        correlation_dtype: dtype of the correlation's matrix product: ``"float32"``,
+            ``"bfloat16"`` or ``"auto"`` (bfloat16 on CPUs with native bfloat16 matrix units,
+            float32 elsewhere; :func:`semcorr.modeling.ops.correlation.correlation_compute_dtype`).
+            Everything after the product (power, RHM, refinement) stays in float32.
     """
 
     model_type = "semcorr-hyperpixel"
@@ -54,6 +60,7 @@ class HyperpixelFlowConfig(PretrainedConfig):
         refine_radius: int = 1,
         refine_beta: float = 20.0,
         transfer_radius: float = 1.5,
+        correlation_dtype: str = "auto",
         **kwargs,
     ):
         self.backbone = backbone
@@ -70,6 +77,7 @@ class HyperpixelFlowConfig(PretrainedConfig):
         self.refine_radius = int(refine_radius)
         self.refine_beta = float(refine_beta)
         self.transfer_radius = float(transfer_radius)
+        self.correlation_dtype = correlation_dtype
         super().__init__(**kwargs)
         self._validate()
 
@@ -90,3 +98,5 @@ class HyperpixelFlowConfig(PretrainedConfig):
             raise ValueError(f"image_size must be [height, width] >= feature_stride, got {self.image_size!r}")
         if self.feature_stride < 1 or self.hough_bins < 16 or self.hough_kernel_size % 2 == 0:
             raise ValueError("feature_stride must be >= 1, hough_bins >= 16 and hough_kernel_size odd")
+        if self.correlation_dtype not in CORRELATION_DTYPES:
+            raise ValueError(f"correlation_dtype must be one of {CORRELATION_DTYPES}, got {self.correlation_dtype!r}")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..backbone import FeatureBackbone
 from ..modeling_matcher import CorrespondenceOutput, SemanticMatcherPreTrainedModel
-from ..ops.correlation import dense_cosine_correlation
+from ..ops.correlation import correlation_compute_dtype, dense_cosine_correlation
 from ..ops.fused_matching import fused_hough_matching, workspace_size
 from ..ops.geometry import cell_axes, grid_to_pixels, pixels_to_grid
 from ..ops.keypoint_transfer import transfer_keypoints
@@ -84,8 +84,13 @@ class HyperpixelFlowModel(HyperpixelFlowPreTrainedModel):
 
     def _similarity(self, source_features, target_features):
         """``relu(cos)^p`` ``(B, N_s, N_t)``."""
-        correlation = dense_cosine_correlation(source_features, target_features, normalize=False)
+        correlation = dense_cosine_correlation(
+            source_features, target_features, normalize=False, compute_dtype=self._correlation_dtype(source_features)
+        )
         return correlation.clamp_min_(0).pow_(self.config.similarity_power)
+
+    def _correlation_dtype(self, features: torch.Tensor) -> torch.dtype:
+        return correlation_compute_dtype(self.config.correlation_dtype, features)
 
     def _hough_scores(self, similarity, source_features, target_features, source_image_size, target_image_size):
         if not self.config.use_rhm:
@@ -131,6 +136,7 @@ class HyperpixelFlowModel(HyperpixelFlowPreTrainedModel):
                 source_size, target_size, power=config.similarity_power,
                 num_bins=config.hough_bins if config.use_rhm else None, kernel_size=config.hough_kernel_size,
                 radius=config.refine_radius, beta=config.refine_beta, workspace=workspace,
+                compute_dtype=self._correlation_dtype(source_features),
             ),
             workspace_size(source_features.shape[0], (h_s, w_s), (h_t, w_t)), source_features,
         )
@@ -193,8 +199,6 @@ class HyperpixelFlowModel(HyperpixelFlowPreTrainedModel):
             )
             if source_keypoints is not None:
                 points = pixels_to_grid(source_keypoints.to(grid_src_to_trg.dtype), source_size)
-                # Cells vote for a keypoint's transfer by their score relative to the pair's best (what
-                # the default was chosen with); its reported score is the same average of absolute ones.
                 # Cells vote for a keypoint's transfer by their score relative to the pair's best (what
                 # the default was chosen with); its reported score is the same average of absolute ones.
                 target_points, scores_kp = transfer_keypoints(

@@ -8,10 +8,11 @@ soft-argmax of Lee et al., SFNet, CVPR 2019). Materialising the confidence volum
 it twice (once transposed) costs several ``N_s x N_t`` temporaries; here one similarity volume is
 stored and everything else runs over blocks of whole source columns:
 
-1. one matrix product fills the volume; per block, it is clamped and raised to the power in
-   place. Its source cells are ordered column by column, each column bottom-up, so the cells of
-   one source column with one target row are consecutive and one ``index_add`` per block sums
-   the votes over row pairs without a reordering copy;
+1. per block, a matrix product fills the volume's rows, which are clamped and raised to the
+   power in place (with a lower-precision ``compute_dtype``, the product goes to the block buffer
+   and is widened into the volume while in cache). Source cells are ordered column by column,
+   each column bottom-up, so the cells of one source column with one target row are consecutive
+   and one ``index_add`` per block sums the votes over row pairs without a reordering copy;
 2. the histogram is summed over column pairs and smoothed once (it needs every similarity);
 3. per block: confidences ``s * H[bin]`` in a block buffer, their row maxima, arg-maxima and sums
    (source -> target) and, per source row, their column maxima (target -> source). When the y
@@ -66,6 +67,7 @@ def fused_hough_matching(
     beta: float = 20.0,
     block_elements: int = BLOCK_ELEMENTS,
     workspace: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> DenseFields:
     """Dense fields both ways from two feature maps, holding one ``N_s x N_t`` volume.
 
@@ -87,26 +89,34 @@ def fused_hough_matching(
             :func:`workspace_size` elements, the block buffer too. A caller that matches
             repeatedly can pass the same one: on the CPU, the page faults of fresh allocations
             of that size cost about as much as the RHM work.
+        compute_dtype: dtype of the correlation's matrix product (``None``: the features'). The
+            volume and everything after it stay in the features' dtype; see
+            :func:`~.correlation.correlation_compute_dtype`.
 
     Returns:
         :class:`DenseFields`.
     """
     batch_size, _, h_s, w_s = source_features.shape
     h_t, w_t = target_features.shape[-2:]
-    similarity = _similarity_volume(source_features, target_features, workspace)
+    num_source, num_target = h_s * w_s, h_t * w_t
     columns_per_block = _columns_per_block(batch_size, (h_s, w_s), (h_t, w_t), block_elements)
     blocks = [(start, min(w_s, start + columns_per_block)) for start in range(0, w_s, columns_per_block)]
-    bins = None if num_bins is None else hough_bins(
-        source_grid, target_grid, source_size, target_size, num_bins, similarity.dtype, similarity.device
-    )
-    hough = _power_and_vote(similarity, blocks, power, bins, (h_s, w_s), (h_t, w_t), kernel_size)
-    score = _Scores(similarity, hough, bins, (h_s, w_s), (h_t, w_t))
-
-    block_numel, volume_numel = batch_size * columns_per_block * h_s * h_t * w_t, similarity.numel()
+    volume_numel, block_numel = batch_size * num_source * num_target, batch_size * columns_per_block * h_s * num_target
+    if workspace is not None and workspace.numel() >= volume_numel:
+        similarity = workspace[:volume_numel].view(batch_size, num_source, num_target)
+    else:
+        similarity = source_features.new_empty(batch_size, num_source, num_target)
     if workspace is not None and workspace.numel() >= volume_numel + block_numel:
         block_buffer = workspace[volume_numel : volume_numel + block_numel]
     else:
         block_buffer = similarity.new_empty(block_numel)
+
+    bins = None if num_bins is None else hough_bins(
+        source_grid, target_grid, source_size, target_size, num_bins, similarity.dtype, similarity.device
+    )
+    operands = _correlation_operands(source_features, target_features, compute_dtype or source_features.dtype)
+    hough = _power_and_vote(similarity, operands, block_buffer, blocks, power, bins, (h_s, w_s), (h_t, w_t), kernel_size)
+    score = _Scores(similarity, hough, bins, (h_s, w_s), (h_t, w_t))
     forward_value, forward_index, forward_total, column_value_per_row = _block_maxima(score, blocks, block_buffer)
     # First source row (top-down) holding each column maximum, then the first cell in that row.
     backward_value, backward_row = column_value_per_row.flip(1).max(dim=1)
@@ -146,28 +156,32 @@ def _columns_per_block(batch_size, source_shape, target_shape, block_elements) -
     return min(w_s, max(1, block_elements // (batch_size * h_s * h_t * w_t)))
 
 
-def _similarity_volume(source_features, target_features, workspace=None) -> torch.Tensor:
-    """Dot products ``(B, N_s, N_t)``, source cells column by column, bottom-up: volume row
-    ``xs * h_s + (h_s - 1 - ys)``."""
-    batch_size, _, h_s, w_s = source_features.shape
-    num_target = target_features.shape[-2] * target_features.shape[-1]
-    source = source_features.flip(-2).transpose(-1, -2).contiguous().flatten(2).transpose(1, 2)  # (B, N_s, C)
-    out = None
-    if workspace is not None:
-        out = workspace[: batch_size * h_s * w_s * num_target].view(batch_size, h_s * w_s, num_target)
-    return torch.bmm(source, target_features.flatten(2), out=out)
+def _correlation_operands(source_features, target_features, compute_dtype):
+    """The matrix product's operands in ``compute_dtype``: source cells column by column, bottom-up
+    (volume row ``xs * h_s + (h_s - 1 - ys)``) ``(B, N_s, C)``, and target cells ``(B, C, N_t)``."""
+    source = source_features.to(compute_dtype)  # narrower first: the reordering copy moves fewer bytes
+    source = source.flip(-2).transpose(-1, -2).contiguous().flatten(2).transpose(1, 2)
+    return source, target_features.flatten(2).to(compute_dtype)
 
 
-def _power_and_vote(similarity, blocks, power, bins, source_shape, target_shape, kernel_size):
-    """Clamp and raise the volume to ``power`` in place, block by block, and vote: the smoothed
-    histogram ``(B, bins_y, bins_x)``, or ``None`` without ``bins``."""
+def _power_and_vote(similarity, operands, block_buffer, blocks, power, bins, source_shape, target_shape, kernel_size):
+    """Fill the volume with the dot products of ``operands``, clamped and raised to ``power``, block
+    by block, and vote: the smoothed histogram ``(B, bins_y, bins_x)``, or ``None`` without ``bins``."""
     batch_size, (h_s, w_s), (h_t, w_t) = similarity.shape[0], source_shape, target_shape
+    source, target = operands
     if bins is not None:
         bin_y, bin_x, (bins_y, bins_x) = bins
         votes_y = similarity.new_zeros(batch_size, w_s, bins_y, w_t)
     for start, end in blocks:
         # Per block, so that the votes read it while it is still in cache.
-        block = similarity[:, start * h_s : end * h_s].clamp_min_(0).pow_(power)
+        rows = slice(start * h_s, end * h_s)
+        block = similarity[:, rows]
+        if source.dtype == similarity.dtype:
+            torch.bmm(source[:, rows], target, out=block)
+        else:  # the narrower product in the (not yet used) block buffer, widened into the volume
+            product = block_buffer.view(source.dtype)[: block.numel()].view(block.shape)
+            block.copy_(torch.bmm(source[:, rows], target, out=product))
+        block.clamp_min_(0).pow_(power)
         if bins is not None:
             vote_rows(block.view(batch_size, end - start, h_s * h_t, w_t), bin_y.flip(0), votes_y[:, start:end])
     return None if bins is None else smooth_hough_space(votes_y, bin_x, bins_x, kernel_size)
@@ -291,4 +305,7 @@ def _first_in_row(score: _Scores, source_row, best_value):
     """First cell (row-major) of each column's source row ``source_row (B, N_t)`` whose score
     equals the column maximum: ``(B, N_t)``."""
     hits = score.source_row(source_row) == best_value[:, None, :]  # (B, w_s, N_t)
-    return source_row * score.source_shape[1] + hits.to(torch.uint8).argmax(dim=1)
+    w_s = score.source_shape[1]
+    columns = torch.arange(w_s, device=hits.device)[:, None]
+    # The smallest hit column (an arg-max over this strided dim is several times slower).
+    return source_row * w_s + torch.where(hits, columns, w_s).amin(dim=1)
