@@ -177,11 +177,11 @@ def _power_and_vote(similarity, operands, block_buffer, blocks, power, bins, sou
         rows = slice(start * h_s, end * h_s)
         block = similarity[:, rows]
         if source.dtype == similarity.dtype:
-            torch.bmm(source[:, rows], target, out=block)
-        else:  # the narrower product in the (not yet used) block buffer, widened into the volume
+            torch.bmm(source[:, rows], target, out=block).clamp_min_(0)
+        else:  # the narrower product in the (not yet used) block buffer, clamped there (exact), widened
             product = block_buffer.view(source.dtype)[: block.numel()].view(block.shape)
-            block.copy_(torch.bmm(source[:, rows], target, out=product))
-        block.clamp_min_(0).pow_(power)
+            block.copy_(torch.bmm(source[:, rows], target, out=product).clamp_min_(0))
+        block.pow_(power)
         if bins is not None:
             vote_rows(block.view(batch_size, end - start, h_s * h_t, w_t), bin_y.flip(0), votes_y[:, start:end])
     return None if bins is None else smooth_hough_space(votes_y, bin_x, bins_x, kernel_size)
