@@ -4,7 +4,11 @@ No labelled cross-instance data exists offline, so the checks of the cascaded MI
 image pairs whose correspondence is known by construction: a photo and a random warp of it (the
 "class" of a photo is the set of its warps). The warp is used only to measure, never to train.
 
-* :func:`warped_pairs` -- held-out pairs (photo, warp) with the dense ground truth.
+* :func:`warped_pairs` -- held-out pairs (photo, warp) or (warp, warp) with the dense ground truth.
+  The close-loop check needs the second kind: its loops go through third warps of the photo, and a
+  leg between two warps is harder than one from the unwarped photo, so with (photo, warp) pairs the
+  detour is noisier than the label it checks (measured for the tiny CPU generator: Spearman 0.0-0.1
+  per label there, 0.3 with pairs of two warps).
 * :func:`label_accuracy` -- PCK of the pairs a stage selects (PMPS) against the true warp.
 * :func:`image_level_scores` -- the image-level AP of positive pairs (two warps of one photo) and
   negative pairs (warps of two photos).
@@ -39,9 +43,15 @@ class WarpedPairs:
         return len(self.source)
 
 
-def warped_pairs(model, photos, per_photo: int = 4, strength: float = 0.35, seed: int = 123) -> WarpedPairs:
-    """``per_photo`` pairs (the photo, a random warp of it) of every photo of scikit-image's data folder
-    in ``photos``, at the model's input size (warps: :func:`~semcorr.hub_datasets.skimage_pairs.warp_generator`)."""
+def warped_pairs(model, photos, per_photo: int = 4, strength: float = 0.35, seed: int = 123,
+                 both_warped: bool = False) -> WarpedPairs:
+    """``per_photo`` pairs of every photo of scikit-image's data folder in ``photos``, at the model's
+    input size (warps: :func:`~semcorr.hub_datasets.skimage_pairs.warp_generator`).
+
+    A pair is the photo and a random warp of it, or with ``both_warped`` two random warps of it (two
+    members of the photo's class, as the generator's training positives and as the third images of
+    the close-loop check: every leg of a loop is then equally hard); the truth goes through the photo.
+    """
     from PIL import Image
 
     from semcorr.hub_datasets.skimage_pairs import skimage_data_dir, warp_generator
@@ -54,9 +64,25 @@ def warped_pairs(model, photos, per_photo: int = 4, strength: float = 0.35, seed
     for index, name in enumerate(photos):
         photo = image_to_unit_tensor(Image.open(skimage_data_dir() / name).convert("RGB"), processor.model_size)
         batch = generator(photo[None].repeat(per_photo, 1, 1, 1))
-        parts.append((processor.normalize(batch["source_pixel_values"]), processor.normalize(batch["target_pixel_values"]),
-                      torch.full((per_photo,), index), batch["grid_src_to_trg"], batch["valid_src"]))
+        source, grid_src_to_trg, valid_src = batch["source_pixel_values"], batch["grid_src_to_trg"], batch["valid_src"]
+        if both_warped:
+            first = generator(photo[None].repeat(per_photo, 1, 1, 1))  # source = another warp of the photo
+            source = first["target_pixel_values"]
+            grid_src_to_trg, valid_src = _compose_through_photo(first, batch)
+        parts.append((processor.normalize(source), processor.normalize(batch["target_pixel_values"]),
+                      torch.full((per_photo,), index), grid_src_to_trg, valid_src))
     return WarpedPairs(*(torch.cat(column) for column in zip(*parts)))
+
+
+def _compose_through_photo(first: dict, second: dict):
+    """Warp ``first``'s image -> the photo -> warp ``second``'s: ``(grid_src_to_trg (P, 2, H, W), valid_src (P, H, W))``."""
+    from semcorr.modeling.ops.geometry import sample_grid_at
+
+    in_photo = first["grid_trg_to_src"]  # (P, 2, H, W): where each pixel of the first warp comes from
+    points = in_photo.flatten(2).transpose(1, 2)  # (P, H*W, 2)
+    landed = sample_grid_at(second["grid_src_to_trg"], points).transpose(1, 2).view_as(in_photo)
+    defined = sample_grid_at(second["valid_src"][:, None].float(), points)[..., 0].view_as(first["valid_trg"])
+    return landed, first["valid_trg"].bool() & (defined > 0.99)
 
 
 def _true_targets(pairs: WarpedPairs, rows, source_points: torch.Tensor):
@@ -103,10 +129,16 @@ def label_accuracy(model, pairs: WarpedPairs, stage: str = "pixel", num_pairs: i
 
 def image_level_scores(model, pairs: WarpedPairs, batch_size: int = 8) -> dict:
     """Mean image-level AP of positive pairs and of negative pairs (sources against the next pair's
-    targets when the two photos differ): ``{"positive", "negative", "margin"}``."""
+    targets when the two photos differ): ``{"positive", "negative", "margin"}``. Pairs are batched with
+    the photos interleaved, so that the next pair is another photo's however many pairs each has."""
     positive, negative = [], []
+    rank_in_photo = torch.zeros(len(pairs), dtype=torch.long)
+    for photo in pairs.classes.unique():
+        members = torch.nonzero(pairs.classes == photo)[:, 0]
+        rank_in_photo[members] = torch.arange(len(members))
+    interleaved = torch.argsort(rank_in_photo * (int(pairs.classes.max()) + 1) + pairs.classes, stable=True)
     for start in range(0, len(pairs), batch_size):
-        rows = torch.arange(start, min(len(pairs), start + batch_size))
+        rows = interleaved[start : start + batch_size]
         with torch.no_grad():
             source, target = model.encode(pairs.source[rows]), model.encode(pairs.target[rows])
             _, _, pos, neg = model.image_level_loss(source, target, pairs.classes[rows])
@@ -126,14 +158,17 @@ def spearman(a, b) -> float:
 
 def consistency_ranking(model, pairs: WarpedPairs, num_thirds: int = 3, num_pairs: int = 16) -> dict:
     """How well the close-loop score ranks labels: Spearman between each label's score (the mean
-    round-trip offset through ``num_thirds`` other warps of its photo) and its true error. The labels
-    are those of the model's last enabled stage (what ``pseudo_label`` gives).
+    round-trip offset through ``num_thirds`` other warps of its photo) and its true error, and between
+    each pair's score (the mean over its labels, what SC-ImageNet's selection keeps the top 30 % of
+    pairs by) and its labels' mean error. The labels are those of the model's last enabled stage
+    (what ``pseudo_label`` gives).
 
-    Returns ``{"spearman": float, "num_labels": int}``; positive means: inconsistent labels are the wrong ones.
+    Returns ``{"spearman": per label, "pair_spearman": per pair, "num_labels", "num_pairs"}``; positive
+    means: inconsistent labels (pairs) are the wrong ones.
     """
     from semcorr.modeling.cascaded_mil.consistency import consistency_scores
 
-    scores, errors = [], []
+    scores, errors, pair_scores, pair_errors = [], [], [], []
     for photo in pairs.classes.unique():
         rows = torch.nonzero(pairs.classes == photo)[:, 0]
         labels = stage_labels(model, pairs, rows, model.config.enabled_stages[-1], num_pairs)
@@ -143,7 +178,13 @@ def consistency_ranking(model, pairs: WarpedPairs, num_thirds: int = 3, num_pair
             round_trip = consistency_scores(model.match, pairs.source[rows], pairs.target[rows], thirds,
                                             points=labels["source_points"])
         keep = labels["found"] & defined
+        error = (labels["target_points"] - truth).norm(dim=-1)
         scores.append(round_trip["per_point"][keep])
-        errors.append((labels["target_points"] - truth).norm(dim=-1)[keep])
-    scores, errors = torch.cat(scores), torch.cat(errors)
-    return {"spearman": spearman(scores, errors), "num_labels": len(scores)}
+        errors.append(error[keep])
+        counted = keep.any(dim=1)
+        weights = keep.to(error.dtype) / keep.sum(dim=1, keepdim=True).clamp_min(1)
+        pair_scores.append((round_trip["per_point"] * weights).sum(dim=1)[counted])
+        pair_errors.append((error * weights).sum(dim=1)[counted])
+    scores, errors, pair_scores, pair_errors = (torch.cat(part) for part in (scores, errors, pair_scores, pair_errors))
+    return {"spearman": spearman(scores, errors), "pair_spearman": spearman(pair_scores, pair_errors),
+            "num_labels": len(scores), "num_pairs": len(pair_scores)}
