@@ -74,6 +74,25 @@ def test_ablation_switches_shape_the_model():
     assert count(separate) == 3 * count(image_only) and count(shared) == count(image_only)
 
 
+def test_shared_attention_saves_once_and_loads_shared(tmp_path):
+    """One MVAM under three names: safetensors refuses aliased tensors unless they are declared tied."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    model = tiny_mil(share_attention=True).eval()
+    with torch.no_grad():
+        for parameter in model.image_mvam.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.01)  # not the zero-initialised outputs
+    model.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert not any(key.startswith(("region_mvam.", "pixel_mvam.")) for key in stored)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert loaded.region_mvam is loaded.image_mvam and loaded.pixel_mvam is loaded.image_mvam
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert not hasattr(tiny_mil(), "_tied_weights_keys") or not tiny_mil()._tied_weights_keys  # separate: nothing tied
+
+
 @pytest.mark.parametrize("stages, losses", [({}, {"image", "region", "pixel"}),
                                             ({"use_pixel_stage": False}, {"image", "region"}),
                                             ({"use_region_stage": False, "use_pixel_stage": False}, {"image"})])

@@ -104,6 +104,8 @@ class CascadedMILModel(CascadedMILPreTrainedModel):
             if enabled:
                 module = self.image_mvam if config.share_attention else self._mvam(width, getattr(config, f"{stage}_stage"))
             setattr(self, f"{stage}_mvam", module)
+        if config.share_attention:  # one module under several names: safetensors stores it once (image_mvam)
+            self._tied_weights_keys = {f"{stage}_mvam": "image_mvam" for stage in config.enabled_stages[1:]}
         object.__setattr__(self, "_saliency", None)  # built on first use, never a submodule: not part of the weights
         self.post_init()
 
