@@ -2,9 +2,9 @@
 
 Ablations (``--ablations``): every row of the paper's Tables 4 and 5 (Huang et al., ICCV 2023) as a
 config switch, each trained with ``cascaded_mil_cpu_tiny.yaml`` on the warped scikit-image classes
-and measured on the held-out photos' warps (PCK of the pseudo labels against the true warp, and
-the image-level AP margin between positive and negative pairs), printed beside the paper's
-PF-PASCAL numbers. The CPU setting is a toy: the paper trained on 379k ImageNet images; what it
+and measured on pairs of two warps of each held-out photo (PCK of the pseudo labels against the
+true warp, the image-level AP margin between positive and negative pairs, and the close-loop
+Spearman per label and per pair), printed beside the paper's PF-PASCAL numbers. The CPU setting is a toy: the paper trained on 379k ImageNet images; what it
 measures is whether each switch works and what it costs here, not the paper's effect sizes. The
 paper's input sizes 256 / 384 / 512 map to 128 / 160 / 192 here (the same ratios).
 

@@ -20,7 +20,7 @@ from PIL import Image
 from .drawing import draw_matches, save_image, stack_panels
 
 STAGE_NAMES = {"image": "1. image stage: suspects (PMPS on the image-level volume)",
-               "region": "2. region stage: best pair of each re-encoded window, after NMS",
+               "region": "2. region stage: each suspect's match refined in its re-encoded window, after NMS",
                "pixel": "3. pixel stage: the pseudo labels (PMPS on the pixel-level volume)"}
 CORRECT, WRONG = (26, 152, 80), (215, 48, 39)
 
